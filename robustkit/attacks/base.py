@@ -1,0 +1,133 @@
+"""The attack interface.
+
+An ``Attack`` holds settings only (a frozen ``Params`` dataclass) and receives the model at
+call time, as in foolbox 3. Plugins write ``run``; the final ``__call__`` does the work every
+attack needs and no plugin should be trusted to repeat: checks the norm, puts the model in
+eval mode (restoring each submodule's mode afterwards), projects the result into the eps-ball
+and the bounds, and judges success in fp32.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, final
+
+import torch
+from torch import Tensor
+
+from robustkit.errors import DataError, RobustkitError
+from robustkit.modules import Model, eval_mode, predict_logits
+from robustkit.params import coerce
+from robustkit.threat import Norm, ThreatModel
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For attacks without settings."""
+
+
+@dataclass
+class AttackResult:
+    x_adv: Tensor  #: adversarial examples, projected into the ball and the bounds
+    success: Tensor  #: bool (N,): misclassified (untargeted) or classified as the target
+    logits: Tensor  #: fp32 logits of ``x_adv``
+    seconds: float
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Share of samples the attack did not fool (clean mistakes count as fooled)."""
+        return float((~self.success).float().mean()) if len(self.success) else float("nan")
+
+
+def is_success(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:
+    """Untargeted: predicted class differs from the label; targeted: equals the target."""
+    predicted = logits.argmax(dim=1)
+    return predicted == labels if targeted else predicted != labels
+
+
+def default_targets(logits: Tensor, y: Tensor) -> Tensor:
+    """The most likely wrong class at the clean input: the usual target when none is given."""
+    masked = logits.detach().float().clone()
+    masked.scatter_(1, y.view(-1, 1), float("-inf"))
+    return masked.argmax(dim=1)
+
+
+class Attack(ABC):
+    """Base class of every attack, native or wrapped."""
+
+    name: ClassVar[str]
+    norms: ClassVar[frozenset[Norm]]
+    Params: ClassVar[type] = NoParams
+    aliases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+    supports_targeted: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = True
+
+    def __init__(self, params: Any = None, /, **overrides: Any) -> None:
+        if params is not None and overrides:
+            raise TypeError("pass either a Params instance or keyword overrides, not both")
+        self.params = params if params is not None else coerce(self.Params, overrides, owner=self.name)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Attack:
+        """Build from ``-o KEY VALUE`` pairs (text), rejecting unknown keys."""
+        return cls(coerce(cls.Params, options, owner=cls.name))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+    @abstractmethod
+    def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+        """Return adversarial examples for ``x``.
+
+        ``labels`` are the true classes, or the target classes when ``threat.targeted``.
+        The model is already in eval mode. The result need not be projected: ``__call__``
+        projects it into the ball and bounds, so an attack cannot cheat by leaving them.
+        """
+
+    @final
+    def __call__(
+        self, model: Model, x: Tensor, y: Tensor, *, threat: ThreatModel, targets: Tensor | None = None
+    ) -> AttackResult:
+        if threat.norm not in self.norms:
+            supported = ", ".join(sorted(n.value for n in self.norms))
+            raise RobustkitError(
+                f"attack {self.name!r} does not support the {threat.norm.value} norm; it supports: {supported}"
+            )
+        if threat.targeted and not self.supports_targeted:
+            raise RobustkitError(f"attack {self.name!r} has no targeted mode; drop --targeted")
+        _check_batch(x, y, threat)
+        start = time.perf_counter()
+        with eval_mode(model):
+            if threat.targeted and targets is None:
+                targets = default_targets(predict_logits(model, x), y)
+            labels = targets if threat.targeted else y
+            assert labels is not None
+            raw = self.run(model, x, labels, threat)
+            if raw.shape != x.shape:
+                raise RobustkitError(
+                    f"attack {self.name!r} returned shape {tuple(raw.shape)} for inputs of shape {tuple(x.shape)}"
+                )
+            x_adv = threat.project(x, raw.detach().to(device=x.device, dtype=x.dtype))
+            logits = predict_logits(model, x_adv).to(x.device)
+        success = is_success(logits, labels, threat.targeted)
+        return AttackResult(x_adv, success, logits, time.perf_counter() - start)
+
+
+def _check_batch(x: Tensor, y: Tensor, threat: ThreatModel) -> None:
+    if not torch.is_floating_point(x):
+        raise DataError(f"inputs must be floating point in the bounds {threat.bounds}, got {x.dtype}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise DataError(f"labels must have shape ({len(x)},), got {tuple(y.shape)}")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"labels must be integer class indices, got {y.dtype}")
+    if len(x):
+        low, high = threat.bounds
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_min < low - 1e-6 or x_max > high + 1e-6:
+            raise DataError(
+                f"inputs span [{x_min:.3g}, {x_max:.3g}], outside the bounds {threat.bounds}; "
+                "scale them into the bounds and put normalisation inside the model (--mean/--std)"
+            )

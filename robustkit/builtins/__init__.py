@@ -1,0 +1,1 @@
+"""robustkit's built-in plugins, registered from code under the provider name ``robustkit``."""

@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad name, a bad file, bad data) is a ``RobustkitError`` whose
+message is one line that says what is wrong and how to fix it. The CLI prints that line and
+exits 1; anything else is a bug and gets a traceback under ``-v``.
+"""
+from __future__ import annotations
+
+
+class RobustkitError(Exception):
+    """A problem the user can fix; ``str(err)`` is a complete one-line explanation."""
+
+
+class UnknownNameError(RobustkitError, LookupError):
+    """A name that no registry knows (carries close matches in its message)."""
+
+
+class DuplicateNameError(RobustkitError):
+    """The same qualified name registered twice."""
+
+
+class UnsafeFileError(RobustkitError):
+    """A file that could run code when loaded, refused without ``--trust-code``."""
+
+
+class DataError(RobustkitError, ValueError):
+    """Data that breaks the input convention (shape, dtype, NaN, bounds, labels)."""
+
+
+class ParamsError(RobustkitError, ValueError):
+    """An unknown or ill-typed parameter."""

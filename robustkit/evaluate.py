@@ -1,0 +1,165 @@
+"""The evaluation engine: robust accuracy for attacks x epsilons, attacking only what can
+still change the answer.
+
+- samples misclassified clean are never attacked;
+- a sample broken at a smaller eps counts as broken at every larger one (the balls are
+  nested), so each larger eps attacks only the survivors;
+- in ``cascade`` mode (the worst case, as AutoAttack computes it) each further attack runs
+  only on the samples that survived every earlier one, so put cheap attacks first;
+- every adversarial example is checked in fp32 (in the ball, in the bounds, finite) before it
+  counts, whatever the attack claims.
+Per-sample results are kept, so robust accuracy is the mean over samples of the minimum over
+attacks, and the worst case can never be above any single attack.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustkit.attacks.base import Attack
+from robustkit.console import progress
+from robustkit.errors import RobustkitError
+from robustkit.modules import Model, predict_logits
+from robustkit.threat import ThreatModel
+
+NEVER = math.inf
+
+
+@dataclass(frozen=True)
+class NamedAttack:
+    name: str  #: qualified name, e.g. robustkit:pgd
+    attack: Attack
+
+
+@dataclass
+class AttackOutcome:
+    """Per-sample results of one attack over the eps list."""
+
+    name: str
+    params: dict[str, Any]
+    broken_at: Tensor  #: (N,) smallest eps that broke each sample; 0 for clean mistakes; inf never
+    seconds: dict[float, float] = field(default_factory=dict)
+    attacked: dict[float, int] = field(default_factory=dict)  #: samples attacked at each eps
+    rejected: int = 0  #: examples the fp32 check threw out (outside the ball or bounds, not finite)
+
+
+@dataclass
+class Evaluation:
+    threats: list[ThreatModel]
+    clean_correct: Tensor
+    outcomes: list[AttackOutcome]
+    cascade: bool
+    interrupted: bool = False
+
+    @property
+    def eps(self) -> list[float]:
+        return [t.eps for t in self.threats]
+
+    @property
+    def n(self) -> int:
+        return len(self.clean_correct)
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.clean_correct.float().mean())
+
+    def robust_accuracy(self, outcome: AttackOutcome, eps: float) -> float:
+        return float((outcome.broken_at > eps).float().mean())
+
+    def worst_broken_at(self) -> Tensor:
+        stacked = torch.stack([o.broken_at for o in self.outcomes])
+        return stacked.min(dim=0).values
+
+    def worst_case(self, eps: float) -> float:
+        return float((self.worst_broken_at() > eps).float().mean())
+
+    def breaking_attack(self) -> list[str | None]:
+        """Per sample, the first attack (in order) that broke it at the smallest eps."""
+        stacked = torch.stack([o.broken_at for o in self.outcomes])
+        best = stacked.min(dim=0)
+        names: list[str | None] = []
+        for i, value in enumerate(best.values.tolist()):
+            if value == NEVER or value == 0:
+                names.append(None)
+            else:
+                names.append(self.outcomes[int(best.indices[i])].name)
+        return names
+
+
+def evaluate(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[NamedAttack],
+    threats: Sequence[ThreatModel],
+    *,
+    batch_size: int = 256,
+    cascade: bool = False,
+    device: str | torch.device = "cpu",
+    on_result: Callable[[Evaluation], None] | None = None,
+) -> Evaluation:
+    """Run every attack at every eps (ascending) on ``x``; see the module docstring.
+
+    ``on_result`` is called after each (attack, eps) so callers can save partial results; a
+    ``KeyboardInterrupt`` stops the run and returns what was computed, marked interrupted.
+    """
+    if not attacks:
+        raise RobustkitError("no attacks to run; name one with --attack (see `robustkit attacks list`)")
+    norms = {t.norm for t in threats}
+    if len(norms) != 1:
+        raise RobustkitError("evaluate one norm at a time")
+    threats = sorted(threats, key=lambda t: t.eps)
+    device = torch.device(device)
+    clean_logits = predict_logits(model, x)
+    clean_correct = (clean_logits.argmax(1) == y.to(clean_logits.device)).cpu()
+    initial = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+    outcomes = [
+        AttackOutcome(a.name, dict(vars(a.attack.params)) if hasattr(a.attack.params, "__dict__") else {},
+                      initial.clone()) for a in attacks
+    ]
+    evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)
+    total = sum(1 for _ in threats) * len(attacks)
+    try:
+        with progress() as bar:
+            task = bar.add_task("attacking", total=total)
+            for threat in threats:
+                for named, outcome in zip(attacks, outcomes):
+                    bar.update(task, description=f"{named.name} {threat}")
+                    standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
+                    todo = (standing == NEVER).nonzero().squeeze(1)
+                    seconds, rejected = _attack_subset(named.attack, model, x, y, todo, threat,
+                                                       outcome.broken_at, batch_size, device)
+                    outcome.seconds[threat.eps] = seconds
+                    outcome.attacked[threat.eps] = int(todo.numel())
+                    outcome.rejected += rejected
+                    bar.advance(task)
+                    if on_result is not None:
+                        on_result(evaluation)
+    except KeyboardInterrupt:
+        evaluation.interrupted = True
+    return evaluation
+
+
+def _attack_subset(
+    attack: Attack, model: Model, x: Tensor, y: Tensor, todo: Tensor, threat: ThreatModel,
+    broken_at: Tensor, batch_size: int, device: torch.device,
+) -> tuple[float, int]:
+    """Attack ``x[todo]`` in batches; record newly broken samples at ``threat.eps``."""
+    seconds, rejected = 0.0, 0
+    for start in range(0, todo.numel(), batch_size):
+        index = todo[start : start + batch_size]
+        xb, yb = x[index].to(device), y[index].to(device)
+        result = attack(model, xb, yb, threat=threat)
+        seconds += result.seconds
+        invalid = threat.violations(xb, result.x_adv).cpu()
+        rejected += int(invalid.sum())
+        # Broken means misclassified (for targeted attacks too: missing the target while still
+        # changing the answer breaks the sample as much as hitting it).
+        broken = (result.logits.argmax(1) != yb).cpu() & ~invalid
+        broken_at[index[broken]] = threat.eps
+    return seconds, rejected

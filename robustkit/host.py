@@ -1,0 +1,281 @@
+"""The plugin host: one pluggy ``PluginManager`` and the registries it fills.
+
+Built-in plugins are registered from code; third-party plugins come from the ``robustkit``
+entry-point group and from ``--plugins-dir`` files. Each is loaded, validated and asked to
+register in its own try block: a plugin that fails to import, has a bad hook signature or
+registers a clashing name is recorded as failed (``robustkit plugins`` shows why) and every
+other plugin and command keeps working. ``ROBUSTKIT_STRICT_PLUGINS=1`` re-raises instead;
+``ROBUSTKIT_DISABLE_PLUGINS=a,b`` skips plugins by name.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from robustkit import hookspecs
+from robustkit.errors import RobustkitError
+from robustkit.registry import BUILTIN_PROVIDER, ProviderRegistry, Registry
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "robustkit"
+#: Modules registered from code at start-up, all under the provider name "robustkit".
+BUILTIN_PLUGINS = (
+    "robustkit.builtins.attacks",
+    "robustkit.builtins.datasets",
+    "robustkit.builtins.loaders",
+)
+#: register hook name -> registry attribute of the host
+REGISTER_HOOKS = {
+    "robustkit_register_attacks": "attacks",
+    "robustkit_register_defences": "defences",
+    "robustkit_register_exporters": "exporters",
+    "robustkit_register_datasets": "datasets",
+}
+
+
+@dataclass
+class PluginRecord:
+    """What ``robustkit plugins`` shows for one plugin."""
+
+    name: str
+    provider: str
+    source: str
+    status: str = "ok"  #: "ok", "disabled" or "failed: <reason>"
+    hooks: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _env_list(name: str) -> set[str]:
+    return {item.strip() for item in os.environ.get(name, "").split(",") if item.strip()}
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class Host:
+    """Loads plugins and answers what they offer."""
+
+    def __init__(
+        self,
+        *,
+        builtins: bool = True,
+        entry_points: bool = True,
+        plugins_dirs: Sequence[str | Path] = (),
+    ) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self.strict = os.environ.get("ROBUSTKIT_STRICT_PLUGINS", "") not in ("", "0", "false")
+        self.disabled = _env_list("ROBUSTKIT_DISABLE_PLUGINS")
+        self._registries: dict[str, Registry[Any]] | None = None
+        if builtins:
+            for module_name in BUILTIN_PLUGINS:
+                self._add(module_name, BUILTIN_PROVIDER, "built-in", lambda m=module_name: importlib.import_module(m))
+        if entry_points:
+            self._load_entry_points()
+        for directory in plugins_dirs:
+            self.load_plugins_dir(directory)
+
+    # -- loading -----------------------------------------------------------------------------
+    def _fail(self, record: PluginRecord, err: BaseException) -> None:
+        record.status = f"failed: {_one_line(err)}"
+        log.warning("plugin %r %s", record.name, record.status)
+        if self.pm.get_plugin(record.name) is not None:
+            self.pm.unregister(name=record.name)
+        if self._registries is not None:
+            for registry in self._registries.values():
+                registry.remove_plugin(record.name)
+        if self.strict:
+            raise err
+
+    def _add(self, name: str, provider: str, source: str, load: Callable[[], Any]) -> PluginRecord:
+        """Import (``load``), validate and register one plugin; failures are recorded."""
+        record = PluginRecord(name, provider, source)
+        if name in self.records:
+            record.status = f"failed: a plugin named {name!r} is already loaded from {self.records[name].source}"
+            self.records[f"{name} ({source})"] = record
+            if self.strict:
+                raise RobustkitError(record.status[len("failed: "):])
+            return record
+        self.records[name] = record
+        if name in self.disabled or provider in self.disabled:
+            record.status = "disabled"
+            return record
+        try:
+            plugin = load()
+            unknown = [
+                attr for attr in dir(plugin)
+                if attr.startswith("robustkit_") and not hasattr(self.pm.hook, attr)
+                and callable(getattr(plugin, attr))
+            ]
+            if unknown:
+                raise RobustkitError(f"unknown hook {unknown[0]!r}; see docs/plugin-hooks.md for the hook names")
+            self.pm.register(plugin, name=name)
+            record.hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or ())
+        except Exception as err:  # noqa: BLE001 - any failure of a plugin is charged to it
+            self._fail(record, err)
+        else:
+            if self._registries is not None:  # registries already built: let it register now
+                self._run_register_hooks(only=name)
+        return record
+
+    def _load_entry_points(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if (ep.name, ep.value) in seen:  # editable installs can list an entry point twice
+                continue
+            seen.add((ep.name, ep.value))
+            dist = getattr(ep, "dist", None)
+            source = f"entry point {ep.value}" + (f" ({dist.name} {dist.version})" if dist else "")
+            self._add(ep.name, ep.name, source, ep.load)
+
+    def load_plugins_dir(self, directory: str | Path) -> list[PluginRecord]:
+        """Load every ``*.py`` file of ``directory`` as a one-off plugin named after the file."""
+        path = Path(directory)
+        if not path.is_dir():
+            raise RobustkitError(f"--plugins-dir {str(directory)!r} is not a directory")
+        return [self._add(file.stem, file.stem, f"file {file}", lambda f=file: _import_file(f))
+                for file in sorted(path.glob("*.py")) if not file.name.startswith("_")]
+
+    def register(self, plugin: Any, name: str, *, provider: str | None = None) -> PluginRecord:
+        """Register an in-memory plugin object (tests, notebooks, the Python API)."""
+        return self._add(name, provider or name, "registered from code", lambda: plugin)
+
+    # -- calling hooks one implementation at a time ------------------------------------------
+    def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
+        """Implementations in pluggy's call order (last registered first, tryfirst honoured)."""
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+
+    def _call(self, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+        return impl.function(*[kwargs[arg] for arg in impl.argnames])
+
+    def _run_register_hooks(self, only: str | None = None) -> None:
+        assert self._registries is not None
+        for hook_name, attr in REGISTER_HOOKS.items():
+            for impl in self._impls(hook_name):
+                record = self.records[impl.plugin_name]
+                if (only and impl.plugin_name != only) or not record.ok:
+                    continue
+                bound = ProviderRegistry(self._registries[attr], record.provider, record.name)
+                try:
+                    self._call(impl, registry=bound)
+                except Exception as err:  # noqa: BLE001
+                    self._fail(record, err)
+
+    @property
+    def registries(self) -> dict[str, Registry[Any]]:
+        if self._registries is None:
+            self._registries = {
+                "attacks": Registry("attack", "attacks"),
+                "defences": Registry("defence", "defences"),
+                "exporters": Registry("exporter", "exporters"),
+                "datasets": Registry("dataset", "datasets"),
+            }
+            self._run_register_hooks()
+        return self._registries
+
+    @property
+    def attacks(self) -> Registry[Any]:
+        return self.registries["attacks"]
+
+    @property
+    def defences(self) -> Registry[Any]:
+        return self.registries["defences"]
+
+    @property
+    def exporters(self) -> Registry[Any]:
+        return self.registries["exporters"]
+
+    @property
+    def datasets(self) -> Registry[Any]:
+        return self.registries["datasets"]
+
+    def first_result(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call a firstresult hook; a plugin's crash becomes a one-line error naming it."""
+        for impl in self._impls(hook_name):
+            try:
+                result = self._call(impl, **kwargs)
+            except RobustkitError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                raise RobustkitError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {_one_line(err)}") from err
+            if result is not None:
+                return result
+        return None
+
+    def collect(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation; failures are logged and charged to the plugin."""
+        results = []
+        for impl in self._impls(hook_name):
+            try:
+                results.append((impl.plugin_name, self._call(impl, **kwargs)))
+            except Exception as err:  # noqa: BLE001
+                if self.strict:
+                    raise
+                log.warning("plugin %r failed in %s: %s", impl.plugin_name, hook_name, _one_line(err))
+        return results
+
+    def register_commands(self, cli: Any) -> None:
+        for impl in self._impls("robustkit_register_commands"):
+            record = self.records[impl.plugin_name]
+            try:
+                self._call(impl, cli=cli)
+            except Exception as err:  # noqa: BLE001
+                self._fail(record, err)
+
+    def plugins(self) -> list[PluginRecord]:
+        self.registries  # noqa: B018 - running the register hooks can mark plugins failed
+        return list(self.records.values())
+
+
+def _import_file(path: Path) -> Any:
+    module_name = f"robustkit_plugins_dir.{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise RobustkitError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_host: Host | None = None
+_plugins_dirs: tuple[str, ...] = ()
+
+
+def configure(plugins_dirs: Iterable[str | Path] = ()) -> Host:
+    """(Re)create the process-wide host, e.g. with the CLI's ``--plugins-dir`` folders."""
+    global _host, _plugins_dirs
+    _plugins_dirs = tuple(str(p) for p in plugins_dirs)
+    _host = Host(plugins_dirs=_plugins_dirs)
+    return _host
+
+
+def get_host() -> Host:
+    """The process-wide host, created on first use."""
+    global _host
+    if _host is None:
+        _host = Host(plugins_dirs=_plugins_dirs)
+    return _host
+
+
+def set_host(host: Host | None) -> None:
+    """Replace the process-wide host (tests register fakes on a host of their own)."""
+    global _host
+    _host = host

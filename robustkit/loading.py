@@ -1,0 +1,192 @@
+"""Safe model loading through the ``robustkit_load_model`` hook.
+
+Safe by default: a pickle is never unpickled and no file that can run code on load
+(TorchScript, torch.export) is opened unless the user passes ``--trust-code``. Weights come
+from safetensors or ``torch.load(weights_only=True)`` into an architecture the user names.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.errors import RobustkitError
+from robustkit.modules import Model, Normalized, model_device, predict_logits
+
+log = logging.getLogger(__name__)
+
+SAFE_FORMATS = "safetensors or a state-dict .pt/.pth with --arch, ONNX, or builtin:NAME"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    arch: str | None = None  #: "module:factory", "path/file.py:factory" or "builtin:NAME"
+    trust_code: bool = False  #: allow formats that run code when loaded
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and where it came from (the ``model`` block of a report)."""
+
+    model: Model  #: an ``nn.Module`` when gradients are available, else a predict function
+    source: str
+    format: str
+    sha256: str
+    trusted_code: bool = False  #: True when a file that can run code was opened
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def white_box(self) -> bool:
+        return isinstance(self.model, nn.Module)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "sha256": self.sha256,
+            "white_box": self.white_box,
+            "trusted_code": self.trusted_code,
+            "notes": list(self.notes),
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """Hash of a module's weights: identifies models that have no file (built-ins)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_architecture(spec: str) -> nn.Module:
+    """Instantiate ``builtin:NAME``, ``package.module:factory`` or ``file.py:factory``."""
+    from robustkit.zoo import ARCHITECTURES
+
+    if spec.startswith("builtin:"):
+        name = spec[len("builtin:"):]
+        if name not in ARCHITECTURES:
+            raise RobustkitError(f"unknown built-in architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        return ARCHITECTURES[name]()
+    module_name, sep, factory_name = spec.rpartition(":")
+    if not sep or not module_name or not factory_name:
+        raise RobustkitError(f"--arch {spec!r} needs the form module:factory (e.g. mypkg.nets:resnet18)")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise RobustkitError(f"--arch file {module_name!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"robustkit_arch_{file.stem}", file)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RobustkitError(f"--arch {spec!r}: cannot import {module_name!r} ({err})") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise RobustkitError(f"--arch {spec!r}: {module_name} has no callable {factory_name!r}")
+    net = factory()
+    if not isinstance(net, nn.Module):
+        raise RobustkitError(f"--arch {spec!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def load_state_dict_strict(net: nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line explanation of any mismatch."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
+                         f"architecture {tuple(own[k].shape)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise RobustkitError(
+            f"weights in {source} do not fit --arch {arch}: {'; '.join(parts)}; pass the architecture they were saved from"
+        )
+    net.load_state_dict(state, strict=True)
+
+
+def _parse_floats(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values else None
+
+
+def load_model(ref: str, options: LoadOptions | None = None) -> LoadedModel:
+    """Load ``ref`` with the first plugin loader that recognises it, then apply ``--mean/--std``."""
+    from robustkit.host import get_host
+
+    options = options or LoadOptions()
+    if (options.mean is None) != (options.std is None):
+        raise RobustkitError("--mean and --std go together: give both or neither")
+    loaded: LoadedModel | None = get_host().first_result("robustkit_load_model", ref=ref, options=options)
+    if loaded is None:
+        raise RobustkitError(f"no loader recognises {ref!r}; use {SAFE_FORMATS}")
+    if options.mean is not None and options.std is not None:
+        if not isinstance(loaded.model, nn.Module):
+            raise RobustkitError("--mean/--std need a torch model; put the normalisation inside the ONNX graph")
+        loaded.model = Normalized(loaded.model, options.mean, options.std)
+        loaded.notes.append(f"inputs normalised inside the model: mean={list(options.mean)}, std={list(options.std)}")
+    if isinstance(loaded.model, nn.Module):
+        loaded.model = loaded.model.to(options.device).eval()
+    return loaded
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    num_classes: int
+    warnings: tuple[str, ...]
+
+
+def check_model_output(model: Model, x: Tensor, num_classes: int | None = None) -> OutputCheck:
+    """Run the model on a few inputs: (N, C) finite logits, C matching the data's classes.
+
+    Probabilities (rows in [0, 1] summing to 1) are accepted with a warning: the softmax
+    flattens gradients, so gradient attacks on them underestimate the attacker.
+    """
+    probe = x[: min(len(x), 16)].to(model_device(model))
+    try:
+        out = predict_logits(model, probe)
+    except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
+        raise RobustkitError(
+            f"the model fails on inputs of shape {tuple(probe.shape[1:])}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    if out.dim() != 2 or out.shape[0] != len(probe):
+        raise RobustkitError(f"the model returns shape {tuple(out.shape)} for {len(probe)} inputs; expected (N, C) logits")
+    if not bool(torch.isfinite(out).all()):
+        raise RobustkitError("the model returns non-finite outputs (NaN or inf) on clean inputs")
+    if num_classes is not None and out.shape[1] < num_classes:
+        raise RobustkitError(f"the model has {out.shape[1]} outputs but the data has {num_classes} classes")
+    warnings = []
+    if bool(((out >= 0) & (out <= 1)).all()) and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-3):
+        warnings.append("the model outputs look like probabilities, not logits: gradient attacks may underestimate "
+                        "the attacker; return the logits (drop the final softmax)")
+    return OutputCheck(out.shape[1], tuple(warnings))

@@ -1,0 +1,91 @@
+"""Contract checks every attack must pass, for robustkit's tests and for plugin authors.
+
+    from robustkit.testing import check_attack_contract
+    def test_my_attack():
+        check_attack_contract(MyAttack(steps=3))
+
+The checks run on a small BatchNorm + Dropout network over real digits, so an attack that
+forgets eval mode (dropout noise) or mutates BatchNorm statistics is caught.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.attacks.base import Attack
+from robustkit.errors import RobustkitError
+from robustkit.threat import Norm, ThreatModel
+
+#: Radii used by the contract for each norm, in [0, 1] input units of 1x8x8 digits.
+CONTRACT_EPS = {Norm.LINF: 0.1, Norm.L2: 1.0, Norm.L1: 4.0}
+
+
+def contract_model(seed: int = 0, num_classes: int = 10) -> nn.Module:
+    """A tiny conv net with BatchNorm and Dropout (so mode handling matters) for 1x8x8 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, num_classes),
+    )
+
+
+def contract_batch(n: int = 16) -> tuple[Tensor, Tensor]:
+    """``n`` real digits (first of the built-in evaluation split) and their labels."""
+    from robustkit.data import load_digits
+
+    data = load_digits()
+    return data.x[:n].clone(), data.y[:n].clone()
+
+
+def _run(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, seed: int) -> Tensor:
+    torch.manual_seed(seed)
+    return attack(model, x, y, threat=threat).x_adv
+
+
+def check_attack_contract(attack: Attack, *, model: nn.Module | None = None,
+                          batch: tuple[Tensor, Tensor] | None = None) -> None:
+    """Assert the interface contract for ``attack`` on every norm it declares.
+
+    - the result keeps shape, dtype and device, and lies in the eps-ball and the bounds;
+    - the model's mode (including a mixed train/eval mode) and weights are unchanged;
+    - an unsupported norm is refused with a RobustkitError;
+    - the same seed gives the same examples.
+    """
+    model = model if model is not None else contract_model()
+    x, y = batch if batch is not None else contract_batch()
+    model.train()
+    model[1].eval()  # a mixed mode must be restored exactly, not just "train"
+    modes = [m.training for m in model.modules()]
+    state = copy.deepcopy(model.state_dict())
+    for norm in sorted(attack.norms, key=lambda n: n.value):
+        threat = ThreatModel(norm, CONTRACT_EPS[norm])
+        x_adv = _run(attack, model, x, y, threat, seed=0)
+        assert x_adv.shape == x.shape, f"{attack.name}: shape {tuple(x_adv.shape)} != {tuple(x.shape)}"
+        assert x_adv.dtype == x.dtype, f"{attack.name}: dtype {x_adv.dtype} != {x.dtype}"
+        assert x_adv.device == x.device, f"{attack.name}: device {x_adv.device} != {x.device}"
+        bad = threat.violations(x, x_adv)
+        assert not bool(bad.any()), f"{attack.name} ({norm.value}): {int(bad.sum())} examples outside ball/bounds"
+        assert [m.training for m in model.modules()] == modes, f"{attack.name}: model modes were not restored"
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), f"{attack.name}: model state {key!r} changed"
+        again = _run(attack, model, x, y, threat, seed=0)
+        assert torch.allclose(x_adv, again, atol=1e-6), f"{attack.name} ({norm.value}): not deterministic under a seed"
+    unsupported = [n for n in Norm if n not in attack.norms]
+    if unsupported:
+        threat = ThreatModel(unsupported[0], CONTRACT_EPS[unsupported[0]])
+        try:
+            attack(model, x, y, threat=threat)
+        except RobustkitError:
+            pass
+        else:
+            raise AssertionError(f"{attack.name}: accepted the unsupported norm {unsupported[0].value}")
+
+
+def fast_params(attack_cls: type[Attack]) -> dict[str, Any]:
+    """Settings that keep contract tests quick (few steps/queries) where an attack has them."""
+    fields = {f for f in getattr(attack_cls.Params, "__dataclass_fields__", {})}
+    wanted = {"steps": 3, "max_iter": 3, "restarts": 1, "queries": 20, "max_queries": 20, "n_queries": 20}
+    return {k: v for k, v in wanted.items() if k in fields}

@@ -1,0 +1,148 @@
+"""Threat models: which perturbations an adversary may make.
+
+Epsilons are always in input units: models take inputs in ``bounds`` (default [0, 1]) and do
+their own normalisation, so ``linf:8/255`` means the same thing to every backend.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from robustkit.errors import RobustkitError
+
+#: Slack allowed when checking that an example lies in the eps-ball, for float rounding.
+TOLERANCE = 1e-5
+
+
+class Norm(str, Enum):
+    LINF = "linf"
+    L2 = "l2"
+    L1 = "l1"
+
+    @classmethod
+    def parse(cls, text: str | Norm) -> Norm:
+        if isinstance(text, Norm):
+            return text
+        key = text.strip().lower().replace("_", "")
+        aliases = {"inf": "linf", "linfinity": "linf", "l∞": "linf", "2": "l2", "1": "l1"}
+        key = aliases.get(key, key)
+        try:
+            return cls(key)
+        except ValueError:
+            known = ", ".join(n.value for n in cls)
+            raise RobustkitError(f"unknown norm {text!r}; use one of: {known}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_number(text: str | float | int) -> float:
+    """Parse ``0.03``, ``8/255`` or ``1e-2`` into a float (fractions are how eps is written)."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(?:/\s*([0-9.eE+]+)\s*)?", text)
+    try:
+        if match is None:
+            raise ValueError
+        value = float(match.group(1)) / (float(match.group(2)) if match.group(2) else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise RobustkitError(f"not a number: {text!r} (write e.g. 0.03 or 8/255)") from None
+    if not math.isfinite(value):
+        raise RobustkitError(f"not a finite number: {text!r}")
+    return value
+
+
+def per_sample_norm(delta: Tensor, norm: Norm) -> Tensor:
+    """The norm of each sample's perturbation, shape (N,), computed in fp32."""
+    flat = delta.detach().float().flatten(1)
+    if norm is Norm.LINF:
+        return flat.abs().amax(dim=1)
+    return flat.norm(p=2 if norm is Norm.L2 else 1, dim=1)
+
+
+def _project_l1(delta: Tensor, eps: float) -> Tensor:
+    """Euclidean projection of each row onto the l1 ball (Duchi et al., 2008)."""
+    flat = delta.flatten(1)
+    abs_flat = flat.abs()
+    inside = abs_flat.sum(dim=1) <= eps
+    sorted_abs, _ = abs_flat.sort(dim=1, descending=True)
+    cumsum = sorted_abs.cumsum(dim=1)
+    ranks = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
+    condition = sorted_abs * ranks > (cumsum - eps)
+    rho = condition.to(flat.dtype).mul(ranks).argmax(dim=1, keepdim=True)
+    theta = (cumsum.gather(1, rho) - eps) / (rho + 1).to(flat.dtype)
+    projected = flat.sign() * (abs_flat - theta).clamp_min(0)
+    return torch.where(inside.unsqueeze(1), flat, projected).view_as(delta)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An lp ball of radius ``eps`` around each input, intersected with the input ``bounds``."""
+
+    norm: Norm
+    eps: float
+    bounds: tuple[float, float] = (0.0, 1.0)
+    targeted: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", Norm.parse(self.norm))
+        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "bounds", (float(self.bounds[0]), float(self.bounds[1])))
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise RobustkitError(f"eps must be a finite number >= 0, got {self.eps}")
+        low, high = self.bounds
+        if not low < high:
+            raise RobustkitError(f"bounds must satisfy low < high, got {self.bounds}")
+        if self.norm is Norm.LINF and self.eps > high - low:
+            raise RobustkitError(
+                f"linf eps {self.eps:g} exceeds the input range {high - low:g} of bounds "
+                f"{self.bounds}; eps is in input units (e.g. 8/255 for [0, 1] images)"
+            )
+
+    @classmethod
+    def parse(
+        cls, text: str, *, bounds: tuple[float, float] = (0.0, 1.0), targeted: bool = False
+    ) -> ThreatModel:
+        """Parse ``linf:8/255`` or ``l2:0.5`` (norm, a colon, eps in input units)."""
+        norm_text, sep, eps_text = text.partition(":")
+        if not sep:
+            raise RobustkitError(f"threat model {text!r} needs the form NORM:EPS, e.g. linf:8/255")
+        return cls(Norm.parse(norm_text), parse_number(eps_text), bounds, targeted)
+
+    def with_eps(self, eps: float) -> ThreatModel:
+        return replace(self, eps=eps)
+
+    def __str__(self) -> str:
+        return f"{self.norm.value}:{self.eps:g}" + (" (targeted)" if self.targeted else "")
+
+    def project(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """Move ``x_adv`` into the eps-ball around ``x`` and then into the bounds.
+
+        Clipping to the bounds after the ball never leaves the ball, because ``x`` itself is
+        inside the bounds, so each coordinate only moves towards ``x``.
+        """
+        delta = x_adv - x
+        if self.norm is Norm.LINF:
+            delta = delta.clamp(-self.eps, self.eps)
+        elif self.norm is Norm.L2:
+            norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+            factor = (self.eps / norms).clamp(max=1.0)
+            delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+        else:
+            delta = _project_l1(delta, self.eps)
+        return (x + delta).clamp(*self.bounds)
+
+    def violations(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """Per-sample mask of examples outside the ball or bounds, or not finite (fp32 check)."""
+        x32, adv32 = x.detach().float(), x_adv.detach().float()
+        finite = torch.isfinite(adv32).flatten(1).all(dim=1)
+        low, high = self.bounds
+        in_bounds = ((adv32 >= low - TOLERANCE) & (adv32 <= high + TOLERANCE)).flatten(1).all(1)
+        slack = TOLERANCE * max(1.0, self.eps)
+        in_ball = per_sample_norm(adv32 - x32, self.norm) <= self.eps + slack
+        return ~(finite & in_bounds & in_ball)
