@@ -5,22 +5,58 @@ The public API for users and plugin authors. Plugins should import only from her
 """
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from robustkit.attacks.base import Attack, AttackResult, NoParams  # noqa: E402
-from robustkit.data import Dataset, load_dataset  # noqa: E402
-from robustkit.defences import Defence, DefenceResult  # noqa: E402
-from robustkit.errors import RobustkitError  # noqa: E402
-from robustkit.evaluate import Evaluation, NamedAttack, evaluate  # noqa: E402
-from robustkit.exporters import Exporter, ExportResult  # noqa: E402
-from robustkit.hookspecs import hookimpl  # noqa: E402
-from robustkit.host import Host, get_host  # noqa: E402
-from robustkit.loading import LoadedModel, LoadOptions, load_model  # noqa: E402
-from robustkit.modules import Model, Normalized, eval_mode  # noqa: E402
-from robustkit.params import param  # noqa: E402
-from robustkit.registry import ProviderRegistry  # noqa: E402
-from robustkit.report import ReportSection  # noqa: E402
-from robustkit.threat import Norm, ThreatModel  # noqa: E402
+# Names resolve on first use (PEP 562), so `robustkit --help` and plugin discovery do not
+# import torch.
+if TYPE_CHECKING:
+    from robustkit.attacks.base import Attack, AttackResult, NoParams
+    from robustkit.data import Dataset, load_dataset
+    from robustkit.defences import Defence, DefenceResult
+    from robustkit.errors import RobustkitError
+    from robustkit.evaluate import Evaluation, NamedAttack, evaluate
+    from robustkit.exporters import Exporter, ExportResult
+    from robustkit.hookspecs import hookimpl
+    from robustkit.host import Host, get_host
+    from robustkit.loading import LoadedModel, LoadOptions, load_model
+    from robustkit.modules import Model, Normalized, eval_mode
+    from robustkit.params import param
+    from robustkit.registry import ProviderRegistry
+    from robustkit.report import ReportSection
+    from robustkit.threat import Norm, ThreatModel
+
+_EXPORTS = {
+    "Attack": "robustkit.attacks.base",
+    "AttackResult": "robustkit.attacks.base",
+    "Dataset": "robustkit.data",
+    "Defence": "robustkit.defences",
+    "DefenceResult": "robustkit.defences",
+    "Evaluation": "robustkit.evaluate",
+    "ExportResult": "robustkit.exporters",
+    "Exporter": "robustkit.exporters",
+    "Host": "robustkit.host",
+    "LoadOptions": "robustkit.loading",
+    "LoadedModel": "robustkit.loading",
+    "Model": "robustkit.modules",
+    "NamedAttack": "robustkit.evaluate",
+    "NoParams": "robustkit.attacks.base",
+    "Norm": "robustkit.threat",
+    "Normalized": "robustkit.modules",
+    "ProviderRegistry": "robustkit.registry",
+    "ReportSection": "robustkit.report",
+    "RobustkitError": "robustkit.errors",
+    "ThreatModel": "robustkit.threat",
+    "eval_mode": "robustkit.modules",
+    "evaluate": "robustkit.evaluate",
+    "get_host": "robustkit.host",
+    "hookimpl": "robustkit.hookspecs",
+    "load_dataset": "robustkit.data",
+    "load_model": "robustkit.loading",
+    "param": "robustkit.params",
+}
 
 __all__ = [
     "Attack", "AttackResult", "Dataset", "Defence", "DefenceResult", "Evaluation", "ExportResult",
@@ -28,3 +64,12 @@ __all__ = [
     "Normalized", "ProviderRegistry", "ReportSection", "RobustkitError", "ThreatModel", "__version__",
     "eval_mode", "evaluate", "get_host", "hookimpl", "load_dataset", "load_model", "param",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'robustkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value

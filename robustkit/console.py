@@ -18,4 +18,7 @@ def progress() -> AbstractContextManager[Progress]:
         console=stderr, transient=True, disable=quiet,
     )
 
+#: Results; wide when piped so that tables are not wrapped into unreadable columns.
 stdout = Console()
+if not stdout.is_terminal:
+    stdout = Console(width=200)

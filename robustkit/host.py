@@ -30,11 +30,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "robustkit"
 #: Modules registered from code at start-up, all under the provider name "robustkit".
-BUILTIN_PLUGINS = (
-    "robustkit.builtins.attacks",
-    "robustkit.builtins.datasets",
-    "robustkit.builtins.loaders",
-)
+BUILTIN_PLUGINS = ("robustkit.builtins.plugin",)
 #: register hook name -> registry attribute of the host
 REGISTER_HOOKS = {
     "robustkit_register_attacks": "attacks",

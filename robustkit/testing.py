@@ -89,3 +89,34 @@ def fast_params(attack_cls: type[Attack]) -> dict[str, Any]:
     fields = {f for f in getattr(attack_cls.Params, "__dataclass_fields__", {})}
     wanted = {"steps": 3, "max_iter": 3, "restarts": 1, "queries": 20, "max_queries": 20, "n_queries": 20}
     return {k: v for k, v in wanted.items() if k in fields}
+
+
+def trained_digits_model(kind: str = "cnn", *, epochs: int = 6, seed: int = 0) -> nn.Module:
+    """A model trained on ``builtin:digits`` in a few seconds, for agreement tests.
+
+    ``kind="cnn"``: ``builtin:digits-cnn`` (plain). ``kind="normalized-bn"``: the residual
+    BatchNorm network behind a ``Normalized`` layer, i.e. normalisation inside the model.
+    Cached per process, returned in eval mode; do not train it further in a test.
+    """
+    key = (kind, epochs, seed)
+    if key not in _TRAINED:
+        from robustkit.data import load_digits
+        from robustkit.modules import Normalized
+        from robustkit.train import FitConfig, fit
+        from robustkit.zoo import digits_cnn, digits_resnet
+
+        torch.manual_seed(seed)
+        if kind == "cnn":
+            net: nn.Module = digits_cnn()
+        elif kind == "normalized-bn":
+            net = Normalized(digits_resnet(), mean=[0.30], std=[0.40])
+        else:
+            raise ValueError(f"unknown kind {kind!r}; use 'cnn' or 'normalized-bn'")
+        data = load_digits()
+        assert data.x_train is not None and data.y_train is not None
+        fit(net, data.x_train, data.y_train, FitConfig(epochs=epochs, seed=seed))
+        _TRAINED[key] = net.eval()
+    return _TRAINED[key]
+
+
+_TRAINED: dict[tuple[str, int, int], nn.Module] = {}

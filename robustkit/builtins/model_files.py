@@ -1,4 +1,4 @@
-"""Built-in model loaders: built-in architectures, safetensors, state dicts, ONNX, and the
+"""Built-in model formats: built-in architectures, safetensors, state dicts, ONNX, and the
 code-running formats (TorchScript, torch.export) only with ``--trust-code``."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from robustkit.errors import RobustkitError, UnsafeFileError
-from robustkit.hookspecs import hookimpl
 from robustkit.loading import (
     SAFE_FORMATS,
     LoadedModel,
@@ -108,8 +107,8 @@ def _load_exported_program(path: Path, options: LoadOptions) -> LoadedModel:
     return LoadedModel(program.module(), str(path), "torch.export", file_sha256(path), trusted_code=True)
 
 
-@hookimpl
-def robustkit_load_model(ref: str, options: LoadOptions) -> LoadedModel | None:
+def load_model_file(ref: str, options: LoadOptions) -> LoadedModel | None:
+    """Load ``ref`` if it is a format robustkit knows; None lets other loaders try."""
     if ref.startswith("builtin:"):
         return _load_builtin(ref)
     path = Path(ref).expanduser()

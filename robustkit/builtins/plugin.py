@@ -1,0 +1,38 @@
+"""robustkit's built-in plugin: native attacks, the digits data set and the model formats.
+
+Registered from code under the provider name ``robustkit``, through the same hooks as any
+third-party plugin. Imports happen inside the hooks so that ``robustkit --help`` does not pay
+for torch.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from robustkit.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from robustkit.loading import LoadedModel, LoadOptions
+    from robustkit.registry import ProviderRegistry
+
+
+@hookimpl
+def robustkit_register_attacks(registry: ProviderRegistry[Any]) -> None:
+    from robustkit.attacks.native import FGSM, PGD
+
+    registry.add(FGSM)
+    registry.add(PGD)
+
+
+@hookimpl
+def robustkit_register_datasets(registry: ProviderRegistry[Any]) -> None:
+    from robustkit.data import load_digits
+
+    registry.add(load_digits, name="digits",
+                 summary="scikit-learn's bundled 1,797 real 8x8 digits, 10 classes, fixed 80/20 split")
+
+
+@hookimpl
+def robustkit_load_model(ref: str, options: LoadOptions) -> LoadedModel | None:
+    from robustkit.builtins.model_files import load_model_file
+
+    return load_model_file(ref, options)
