@@ -93,6 +93,9 @@ def emit_json(document: Any) -> None:
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List loaded plugins, where they come from and whether they work."""
+    root = ctx.find_root().command
+    if isinstance(root, RobustkitGroup):
+        root._plugin_group(ctx)  # command hooks run lazily: run them so that their failures show
     records = _host(ctx).plugins()
     rows = [{"name": r.name, "provider": r.provider, "source": r.source, "status": r.status, "hooks": r.hooks}
             for r in records]
@@ -211,5 +214,18 @@ def demo(epochs: int, seed: int, as_json: bool) -> None:
         print_demo(result)
 
 
+def _add_commands() -> None:
+    from robustkit.commands.audit import audit
+
+    cli.add_command(audit)
+
+
+_add_commands()
+
+
 def main() -> None:
     cli(prog_name="robustkit")
+
+
+from robustkit.commands.harden import harden as _harden  # noqa: E402 - after the group it joins
+cli.add_command(_harden)

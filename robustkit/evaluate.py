@@ -13,6 +13,7 @@ attacks, and the worst case can never be above any single attack.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from robustkit.attacks.base import Attack
 from robustkit.console import progress
+from robustkit.distributed import DistContext, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model, predict_logits
 from robustkit.threat import ThreatModel
@@ -102,12 +104,17 @@ def evaluate(
     cascade: bool = False,
     device: str | torch.device = "cpu",
     on_result: Callable[[Evaluation], None] | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> Evaluation:
     """Run every attack at every eps (ascending) on ``x``; see the module docstring.
 
     ``on_result`` is called after each (attack, eps) so callers can save partial results; a
     ``KeyboardInterrupt`` stops the run and returns what was computed, marked interrupted.
+    Under ``torchrun`` (``dist_ctx``), every rank holds all samples and the batches of each
+    stage are dealt out round-robin, then merged; the batches are the ones a single process
+    would form, so the result equals a single-process run.
     """
+    dist_ctx = dist_ctx or DistContext()
     if not attacks:
         raise RobustkitError("no attacks to run; name one with --attack (see `robustkit attacks list`)")
     norms = {t.norm for t in threats}
@@ -119,8 +126,8 @@ def evaluate(
     clean_correct = (clean_logits.argmax(1) == y.to(clean_logits.device)).cpu()
     initial = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
     outcomes = [
-        AttackOutcome(a.name, dict(vars(a.attack.params)) if hasattr(a.attack.params, "__dict__") else {},
-                      initial.clone()) for a in attacks
+        AttackOutcome(a.name, dataclasses.asdict(a.attack.params) if dataclasses.is_dataclass(a.attack.params)
+                      else {}, initial.clone()) for a in attacks
     ]
     evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)
     total = sum(1 for _ in threats) * len(attacks)
@@ -133,7 +140,7 @@ def evaluate(
                     standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
                     todo = (standing == NEVER).nonzero().squeeze(1)
                     seconds, rejected = _attack_subset(named.attack, model, x, y, todo, threat,
-                                                       outcome.broken_at, batch_size, device)
+                                                       outcome.broken_at, batch_size, device, dist_ctx)
                     outcome.seconds[threat.eps] = seconds
                     outcome.attacked[threat.eps] = int(todo.numel())
                     outcome.rejected += rejected
@@ -147,11 +154,13 @@ def evaluate(
 
 def _attack_subset(
     attack: Attack, model: Model, x: Tensor, y: Tensor, todo: Tensor, threat: ThreatModel,
-    broken_at: Tensor, batch_size: int, device: torch.device,
+    broken_at: Tensor, batch_size: int, device: torch.device, dist_ctx: DistContext,
 ) -> tuple[float, int]:
     """Attack ``x[todo]`` in batches; record newly broken samples at ``threat.eps``."""
     seconds, rejected = 0.0, 0
-    for start in range(0, todo.numel(), batch_size):
+    for number, start in enumerate(range(0, todo.numel(), batch_size)):
+        if number % dist_ctx.world_size != dist_ctx.rank:
+            continue
         index = todo[start : start + batch_size]
         xb, yb = x[index].to(device), y[index].to(device)
         result = attack(model, xb, yb, threat=threat)
@@ -162,4 +171,5 @@ def _attack_subset(
         # changing the answer breaks the sample as much as hitting it).
         broken = (result.logits.argmax(1) != yb).cpu() & ~invalid
         broken_at[index[broken]] = threat.eps
-    return seconds, rejected
+    all_reduce_min_(broken_at, dist_ctx)
+    return all_reduce_sum(seconds, dist_ctx), int(all_reduce_sum(rejected, dist_ctx))

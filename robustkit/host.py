@@ -60,8 +60,9 @@ def _env_list(name: str) -> set[str]:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """``Type: message`` on one line; later lines are kept (pluggy puts the reason last)."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}".rstrip(": ")
 
 
 class Host:
@@ -164,7 +165,9 @@ class Host:
     def _run_register_hooks(self, only: str | None = None) -> None:
         assert self._registries is not None
         for hook_name, attr in REGISTER_HOOKS.items():
-            for impl in self._impls(hook_name):
+            # Load order, not pluggy's last-first call order: built-ins register first, so a
+            # clashing name is charged to the plugin that came later, never to the built-ins.
+            for impl in reversed(self._impls(hook_name)):
                 record = self.records[impl.plugin_name]
                 if (only and impl.plugin_name != only) or not record.ok:
                     continue

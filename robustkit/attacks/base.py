@@ -99,12 +99,12 @@ class Attack(ABC):
         if threat.targeted and not self.supports_targeted:
             raise RobustkitError(f"attack {self.name!r} has no targeted mode; drop --targeted")
         _check_batch(x, y, threat)
+        y = y.long()  # int32 labels are accepted; losses and scatter need int64 indices
         start = time.perf_counter()
         with eval_mode(model):
             if threat.targeted and targets is None:
                 targets = default_targets(predict_logits(model, x), y)
-            labels = targets if threat.targeted else y
-            assert labels is not None
+            labels = targets.long() if threat.targeted and targets is not None else y
             raw = self.run(model, x, labels, threat)
             if raw.shape != x.shape:
                 raise RobustkitError(

@@ -18,9 +18,19 @@ if TYPE_CHECKING:
 @hookimpl
 def robustkit_register_attacks(registry: ProviderRegistry[Any]) -> None:
     from robustkit.attacks.native import FGSM, PGD
+    from robustkit.attacks.square import Square
 
     registry.add(FGSM)
     registry.add(PGD)
+    registry.add(Square)
+
+
+@hookimpl
+def robustkit_register_defences(registry: ProviderRegistry[Any]) -> None:
+    from robustkit.harden.defences import DEFENCES
+
+    for defence in DEFENCES:
+        registry.add(defence)
 
 
 @hookimpl

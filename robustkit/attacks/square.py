@@ -1,0 +1,98 @@
+"""Square attack (Andriushchenko et al., 2020), linf: score-based, no gradients.
+
+It needs only the model's scores, so it attacks models whose gradients are useless or absent
+(an ONNX graph under onnxruntime, a quantising input layer). An audit runs it after the
+gradient attacks: if it breaks samples they could not, the gradients were masking.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from robustkit.attacks.base import Attack
+from robustkit.attacks.native import margin_loss
+from robustkit.modules import Model
+from robustkit.params import param
+from robustkit.threat import Norm, ThreatModel
+
+#: The paper's schedule: the square's share of the image shrinks as queries are spent.
+_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
+             (6000, 128), (8000, 256), (10000, 512))
+
+
+def square_fraction(p_init: float, query: int, queries: int) -> float:
+    """Share of the image the square covers at ``query``, rescaled to a 10,000-query budget."""
+    progress = int(query / queries * 10000)
+    divisor = 1
+    for (threshold, _), (_, next_divisor) in zip(_SCHEDULE, _SCHEDULE[1:]):
+        if progress > threshold:
+            divisor = next_divisor
+    return p_init / divisor
+
+
+@dataclass(frozen=True)
+class SquareParams:
+    queries: int = param(1000, "model queries per sample (forward passes)")
+    p_init: float = param(0.3, "initial share of the image covered by the square")
+    seed: int = param(0, "seed of the random squares")
+
+    def __post_init__(self) -> None:
+        if self.queries < 1 or not 0 < self.p_init <= 1:
+            raise ValueError("queries must be >= 1 and p_init in (0, 1]")
+
+
+class Square(Attack):
+    """Random search over square-shaped linf perturbations, guided by the margin loss."""
+
+    name = "square"
+    norms = frozenset({Norm.LINF})
+    Params = SquareParams
+    needs_gradients = False
+    summary = "score-based random search, no gradients (Andriushchenko et al., 2020)"
+
+    def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+        p: SquareParams = self.params
+        generator = torch.Generator(device=x.device).manual_seed(p.seed)
+        n, channels, height, width = x.shape
+        eps, (low, high) = threat.eps, threat.bounds
+
+        def objective(candidate: Tensor, target: Tensor) -> Tensor:
+            """Minimised by the search; negative once the attack succeeds."""
+            with torch.no_grad():
+                margin = margin_loss(model(candidate).float(), target)  # best other - target
+            return margin if threat.targeted else -margin
+
+        def signs(*shape: int) -> Tensor:
+            return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+
+        best = (x + eps * signs(n, channels, 1, width)).clamp(low, high)  # vertical stripes
+        loss = objective(best, labels)
+        # Work on the samples still standing only; re-gather them only when some fall.
+        active = (loss >= 0).nonzero().squeeze(1)
+        x_act, best_act, loss_act, labels_act = x[active], best[active], loss[active], labels[active]
+        for query in range(1, p.queries):
+            if active.numel() == 0:
+                break
+            side = int(round(math.sqrt(square_fraction(p.p_init, query, p.queries) * height * width)))
+            side = min(max(side, 1), max(min(height, width) - 1, 1))
+            top = int(torch.randint(0, height - side + 1, (1,), generator=generator, device=x.device))
+            left = int(torch.randint(0, width - side + 1, (1,), generator=generator, device=x.device))
+            candidate = best_act.clone()
+            candidate[:, :, top : top + side, left : left + side] = (
+                x_act[:, :, top : top + side, left : left + side] + eps * signs(len(active), channels, 1, 1)
+            ).clamp(low, high)
+            new_loss = objective(candidate, labels_act)
+            better = new_loss < loss_act
+            best_act = torch.where(better.view(-1, 1, 1, 1), candidate, best_act)
+            loss_act = torch.where(better, new_loss, loss_act)
+            done = loss_act < 0
+            if bool(done.any()):
+                best[active] = best_act
+                keep = ~done
+                active, x_act, best_act, loss_act, labels_act = (
+                    t[keep] for t in (active, x_act, best_act, loss_act, labels_act))
+        best[active] = best_act
+        return best

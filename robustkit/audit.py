@@ -1,0 +1,285 @@
+"""``robustkit audit``: a robustness report that a careful reviewer would sign.
+
+Loads the model and data safely, picks the attack suite (a default one: FGSM, PGD with
+restarts, APGD when a plugin offers it, and the gradient-free Square), runs the evaluation
+engine, runs the sanity checks and writes the report. Partial results are written after every
+(attack, eps), so Ctrl-C or a crash leaves a valid report marked incomplete.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from robustkit import checks
+from robustkit.attacks.base import Attack
+from robustkit.data import Dataset, load_dataset
+from robustkit.distributed import DistContext, init_distributed
+from robustkit.errors import ParamsError, RobustkitError
+from robustkit.evaluate import NEVER, Evaluation, NamedAttack, evaluate
+from robustkit.host import get_host
+from robustkit.loading import LoadedModel, LoadOptions, check_model_output, load_model
+from robustkit.params import coerce
+from robustkit.report import SCHEMA_VERSION, ReportSection, accuracy_with_ci, wilson_interval, write_report
+from robustkit.threat import Norm, ThreatModel, parse_number
+
+Mode = Literal["cascade", "per-attack"]
+#: Default eps lists, as fractions of the input range (the usual 2..16/255 scale for linf).
+DEFAULT_EPS = {Norm.LINF: (2 / 255, 4 / 255, 8 / 255, 16 / 255), Norm.L2: (0.25, 0.5, 1.0, 2.0),
+               Norm.L1: (2.0, 4.0, 8.0, 16.0)}
+#: The default suite, cheapest first; the first registered name of each group is taken.
+DEFAULT_SUITE = (("fgsm",), ("pgd",), ("torchattacks:apgd", "art:apgd"), ("square", "torchattacks:square"))
+DEFAULT_OVERRIDES = {"pgd": {"steps": 20, "restarts": 2}}
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    model: str
+    data: str = "builtin:digits"
+    load: LoadOptions = field(default_factory=LoadOptions)
+    attacks: tuple[str, ...] = ()
+    options: tuple[tuple[str, str], ...] = ()  #: -o KEY VALUE, or -o ATTACK.KEY VALUE
+    norm: Norm = Norm.LINF
+    eps: tuple[float, ...] = ()
+    limit: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    precision: str = "fp32"
+    mode: Mode = "cascade"
+    check_samples: int = 128
+    run_checks: bool = True
+    out: Path | None = None
+
+
+def default_eps(norm: Norm, bounds: tuple[float, float]) -> tuple[float, ...]:
+    scale = bounds[1] - bounds[0]
+    return tuple(round(e * scale, 6) for e in DEFAULT_EPS[norm])
+
+
+def parse_eps_list(text: str) -> tuple[float, ...]:
+    """``"2/255,4/255,0.1"`` -> floats; each must be >= 0."""
+    values = tuple(parse_number(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise RobustkitError("--eps needs at least one value, e.g. --eps 2/255,8/255")
+    for value in values:
+        if value < 0:
+            raise RobustkitError(f"eps must be >= 0, got {value:g}")
+    return values
+
+
+def _split_options(options: Sequence[tuple[str, str]], names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Route ``-o KEY VALUE`` to every attack that has KEY, ``-o NAME.KEY VALUE`` to one."""
+    routed: dict[str, dict[str, str]] = {name: {} for name in names}
+    registry = get_host().attacks
+    for key, value in options:
+        target, dot, bare = key.rpartition(".")
+        if dot:
+            qualified = registry.resolve(target).qualified_name
+            if qualified not in routed:
+                raise ParamsError(f"-o {key}: {qualified} is not in this audit's attacks ({', '.join(names)})")
+            routed[qualified][bare] = value
+            continue
+        takers = [n for n in names if bare.replace("-", "_") in _fields(registry.resolve(n).obj)]
+        if not takers:
+            raise ParamsError(f"-o {key}: no attack in this audit has that parameter; see `robustkit attacks show NAME`")
+        for name in takers:
+            routed[name][bare] = value
+    return routed
+
+
+def _fields(attack_cls: type[Attack]) -> set[str]:
+    return set(getattr(attack_cls.Params, "__dataclass_fields__", {}))
+
+
+def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
+    """Resolve the attacks, apply options, and order them cheapest first (gradient-free last)."""
+    registry = get_host().attacks
+    if config.attacks:
+        entries = [registry.resolve(name) for name in config.attacks]
+    else:
+        entries = []
+        for group in DEFAULT_SUITE:
+            for name in group:
+                try:
+                    entry = registry.resolve(name)
+                except RobustkitError:
+                    continue
+                if config.norm in entry.obj.norms:
+                    entries.append(entry)
+                    break
+    if not white_box:
+        refused = [e.qualified_name for e in entries if e.obj.needs_gradients]
+        if config.attacks and refused:
+            raise RobustkitError(f"{', '.join(refused)} need gradients, which this model does not give; "
+                                 "use a gradient-free attack such as square")
+        entries = [e for e in entries if not e.obj.needs_gradients]
+    for entry in entries:
+        if config.norm not in entry.obj.norms:
+            norms = ", ".join(sorted(n.value for n in entry.obj.norms))
+            raise RobustkitError(f"{entry.qualified_name} does not support {config.norm.value}; it supports {norms}")
+    names = [e.qualified_name for e in entries]
+    if len(set(names)) != len(names):
+        raise RobustkitError("the same attack is named twice")
+    routed = _split_options(config.options, names)
+    suite = []
+    for entry in entries:
+        fields = _fields(entry.obj)
+        settings: dict[str, Any] = {}
+        if not config.attacks:
+            settings.update(DEFAULT_OVERRIDES.get(entry.name, {}))
+        for key, value in (("precision", config.precision), ("seed", config.seed)):
+            if key in fields:
+                settings[key] = value
+        settings.update(routed[entry.qualified_name])
+        attack = entry.obj(coerce(entry.obj.Params, settings, owner=entry.qualified_name))
+        suite.append(NamedAttack(entry.qualified_name, attack))
+    # Cheap first; gradient-free attacks last, so they run on what the gradients left standing.
+    return sorted(suite, key=lambda a: (not a.attack.needs_gradients, 0 if "fgsm" in a.name else 1))
+
+
+def environment(device: str) -> dict[str, Any]:
+    versions = {}
+    for dist in ("robustkit", "torch", "robustkit-torchattacks", "torchattacks", "robustkit-art",
+                 "adversarial-robustness-toolbox", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return {**versions, "python": platform.python_version(), "platform": platform.platform(), "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()}
+
+
+def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evaluation: Evaluation,
+                 found_checks: list[checks.Check], suite: list[NamedAttack], started: float) -> dict[str, Any]:
+    n = evaluation.n
+    results = []
+    for named, outcome in zip(suite, evaluation.outcomes):
+        for eps in evaluation.eps:
+            if eps not in outcome.seconds:
+                continue  # not reached before an interruption
+            acc = evaluation.robust_accuracy(outcome, eps) if config.mode == "per-attack" else None
+            if config.mode == "cascade":
+                # In a cascade each attack sees only the survivors of the earlier ones, so its
+                # figure is the robust accuracy after the attacks up to and including it.
+                index = evaluation.outcomes.index(outcome)
+                stacked = torch.stack([o.broken_at for o in evaluation.outcomes[: index + 1]]).min(0).values
+                acc = float((stacked > eps).float().mean())
+            assert acc is not None
+            results.append({"attack": outcome.name, "norm": config.norm.value, "eps": eps,
+                            **accuracy_with_ci(acc, n), "seconds": round(outcome.seconds[eps], 4),
+                            "attacked": outcome.attacked[eps], "gradients": named.attack.needs_gradients,
+                            "scope": "cumulative" if config.mode == "cascade" else "single attack",
+                            "params": outcome.params})
+    completed = [e for e in evaluation.eps if all(e in o.seconds for o in evaluation.outcomes)]
+    worst = [{"norm": config.norm.value, "eps": e, **accuracy_with_ci(evaluation.worst_case(e), n)} for e in completed]
+    clean = evaluation.clean_accuracy
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "complete": not evaluation.interrupted,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 2),
+        "n": n,
+        "clean_accuracy": clean,
+        "clean_ci95": list(wilson_interval(round(clean * n), n)),
+        "threat": {"norm": config.norm.value, "eps": list(evaluation.eps), "bounds": list(data.bounds),
+                   "targeted": False},
+        "mode": config.mode,
+        "attack_access": "white-box (gradients)" if loaded.white_box else "black-box (scores only)",
+        "results": results,
+        "worst_case": worst,
+        "checks": [c.as_dict() for c in found_checks],
+        "model": loaded.describe(),
+        "data": {**data.describe(), "limit": config.limit},
+        "environment": environment(config.load.device),
+        "config": {"attacks": [a.name for a in suite], "batch_size": config.batch_size, "seed": config.seed,
+                   "precision": config.precision, "check_samples": config.check_samples},
+    }
+
+
+def per_sample_rows(data: Dataset, evaluation: Evaluation) -> list[dict[str, Any]]:
+    worst = evaluation.worst_broken_at()
+    by = evaluation.breaking_attack()
+    return [{"index": i, "label": int(data.y[i]), "clean_correct": bool(evaluation.clean_correct[i]),
+             "broken_at_eps": "" if float(worst[i]) == NEVER else float(worst[i]), "broken_by": by[i] or ""}
+            for i in range(evaluation.n)]
+
+
+def _pick(suite: list[NamedAttack], predicate: Any) -> NamedAttack | None:
+    found = [a for a in suite if predicate(a)]
+    return found[-1] if found else None
+
+
+def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation,
+               suite: list[NamedAttack], output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
+    x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
+    eps = sorted(evaluation.eps)
+    middle = eps[len(eps) // 2] if eps else 0.0
+    fgsm = _pick(suite, lambda a: a.attack.needs_gradients and a.name.endswith(":fgsm"))
+    iterative = _pick(suite, lambda a: a.attack.needs_gradients and not a.name.endswith(":fgsm"))
+    free = _pick(suite, lambda a: not a.attack.needs_gradients)
+    inputs = checks.CheckInputs(model, x_sub, y_sub, ThreatModel(config.norm, middle, data.bounds), eps,
+                                fgsm, iterative, free, num_classes, config.batch_size)
+    found = [checks.determinism(model, data.x), checks.outputs(output_check),
+             checks.gradients(model, x_sub, y_sub), checks.validity(evaluation),
+             checks.gradient_free_vs_white_box(evaluation, {a.name for a in suite if not a.attack.needs_gradients}),
+             checks.confidence(evaluation, worst)]
+    if len(x_sub):
+        found += [checks.iterative_vs_fgsm(inputs), checks.monotone_in_eps(inputs), checks.large_eps_probe(inputs),
+                  checks.convergence(inputs)]
+    return found
+
+
+def run_audit(config: AuditConfig) -> dict[str, Any]:
+    """Run the audit and return the report document (also written to ``config.out``)."""
+    started = time.perf_counter()
+    dist_ctx: DistContext = init_distributed(config.load.device)
+    torch.manual_seed(config.seed)
+    loaded = load_model(config.model, config.load)
+    data = load_dataset(config.data)
+    if config.limit is not None:
+        if config.limit < 1:
+            raise RobustkitError(f"--limit must be >= 1, got {config.limit}")
+        data.x, data.y = data.x[: config.limit], data.y[: config.limit]
+    output_check = check_model_output(loaded.model, data.x, data.num_classes)
+    data.validate(output_check.num_classes)
+    eps_list = config.eps or default_eps(config.norm, data.bounds)
+    threats = [ThreatModel(config.norm, e, data.bounds) for e in eps_list]
+    suite = build_suite(config, loaded.white_box)
+    if not suite:
+        raise RobustkitError("no attack in the suite can attack this model; name one with --attack")
+    writes_files = config.out is not None and dist_ctx.is_main
+    partial: dict[str, Any] = {}
+
+    def save_partial(evaluation: Evaluation) -> None:
+        if writes_files:
+            assert config.out is not None
+            evaluation_copy = Evaluation(evaluation.threats, evaluation.clean_correct, evaluation.outcomes,
+                                         evaluation.cascade, interrupted=True)
+            partial["report"] = build_report(config, loaded, data, evaluation_copy, [], suite, started)
+            write_report(partial["report"], config.out, render=False)
+
+    evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
+                          cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
+                          dist_ctx=dist_ctx)
+    report = build_report(config, loaded, data, evaluation, [], suite, started)
+    if not evaluation.interrupted and config.run_checks and dist_ctx.is_main:
+        found = run_checks(config, loaded.model, data, evaluation, suite, output_check, report["worst_case"],
+                           output_check.num_classes)
+        report["checks"] = [c.as_dict() for c in found]
+    report["sections"] = [
+        {"title": s.title, "markdown": s.markdown, "plugin": plugin}
+        for plugin, sections in get_host().collect("robustkit_report_sections", report=report)
+        for s in (sections or []) if isinstance(s, ReportSection)
+    ]
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    if writes_files:
+        assert config.out is not None
+        write_report(report, config.out, per_sample_rows(data, evaluation))
+    return report

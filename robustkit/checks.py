@@ -1,0 +1,229 @@
+"""Sanity checks that tell a trustworthy audit from one fooled by gradient masking.
+
+Each check returns a status (pass, warn, fail) and a one-line detail. They follow the advice
+of Carlini et al., "On Evaluating Adversarial Robustness" (2019): iterative attacks must beat
+single-step ones, gradient-free attacks must not beat gradient attacks, accuracy must fall
+with eps and reach chance at a large eps, and more steps must not change the answer.
+Checks that attack run on a small subset of clean-correct samples, independently of the main
+run, so they cost a fraction of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.attacks.base import Attack
+from robustkit.evaluate import Evaluation, NamedAttack
+from robustkit.loading import OutputCheck
+from robustkit.modules import Model, eval_mode, model_device, predict_logits
+from robustkit.threat import Norm, ThreatModel
+
+Status = Literal["pass", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class CheckInputs:
+    """What the attack-based checks need; ``x``/``y`` are a subset of clean-correct samples."""
+
+    model: Model
+    x: Tensor
+    y: Tensor
+    threat: ThreatModel  #: the audit's threat model at its middle eps
+    eps: Sequence[float]
+    fgsm: NamedAttack | None
+    iterative: NamedAttack | None  #: the strongest iterative white-box attack of the suite
+    gradient_free: NamedAttack | None
+    num_classes: int
+    batch_size: int = 256
+
+
+def _robust_accuracy(inputs: CheckInputs, attack: Attack, threat: ThreatModel) -> Tensor:
+    """Per-sample 'still correct' flags for ``attack`` on the check subset."""
+    standing = []
+    for start in range(0, len(inputs.x), inputs.batch_size):
+        xb, yb = inputs.x[start : start + inputs.batch_size], inputs.y[start : start + inputs.batch_size]
+        result = attack(inputs.model, xb, yb, threat=threat)
+        valid = ~threat.violations(xb, result.x_adv)
+        standing.append(~((result.logits.argmax(1) != yb) & valid))
+    return torch.cat(standing)
+
+
+def determinism(model: Model, x: Tensor) -> Check:
+    first, second = predict_logits(model, x[:64]), predict_logits(model, x[:64])
+    gap = float((first - second).abs().max())
+    if gap <= 1e-5:
+        return Check("deterministic", "pass", f"repeated forward passes agree (max difference {gap:.1e})")
+    return Check("deterministic", "fail", f"repeated forward passes differ by up to {gap:.3g}: a randomised model "
+                 "needs attacks with expectation over transformation (EOT); plain attacks overstate robustness")
+
+
+def outputs(output_check: OutputCheck) -> Check:
+    if output_check.warnings:
+        return Check("logits", "warn", output_check.warnings[0])
+    return Check("logits", "pass", f"(N, {output_check.num_classes}) finite outputs that are not probabilities")
+
+
+def gradients(model: Model, x: Tensor, y: Tensor) -> Check:
+    """Share of samples whose input gradient of the loss is zero or not finite."""
+    if not isinstance(model, nn.Module):
+        return Check("gradients", "warn", "not checked: the model gives no gradients (attacked as a black box)")
+    device = model_device(model)
+    xg = x.to(device).detach().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        loss = F.cross_entropy(model(xg).float(), y.to(device), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg)
+    flat = grad.flatten(1)
+    bad = (~torch.isfinite(flat).all(1)) | (flat.abs().amax(1) == 0)
+    share = float(bad.float().mean())
+    detail = f"{share:.1%} of {len(x)} samples have a zero or non-finite input gradient"
+    if share > 0.10:
+        return Check("gradients", "fail", detail + ": gradients are masked (quantisation, saturation or a "
+                     "non-differentiable layer); trust only gradient-free attacks")
+    return Check("gradients", "warn" if share > 0.01 else "pass", detail)
+
+
+def iterative_vs_fgsm(inputs: CheckInputs) -> Check:
+    if inputs.fgsm is None or inputs.iterative is None:
+        return Check("iterative >= fgsm", "warn", "not checked: the suite lacks FGSM or an iterative attack")
+    fgsm = _robust_accuracy(inputs, inputs.fgsm.attack, inputs.threat)
+    iterative = _robust_accuracy(inputs, inputs.iterative.attack, inputs.threat)
+    weaker = int((~fgsm & iterative).sum())
+    detail = (f"at eps {inputs.threat.eps:g}, {inputs.iterative.name} left standing {weaker} of {len(fgsm)} samples "
+              f"that FGSM broke (FGSM {fgsm.float().mean():.1%}, iterative {iterative.float().mean():.1%})")
+    if weaker == 0:
+        return Check("iterative >= fgsm", "pass", detail)
+    return Check("iterative >= fgsm", "fail" if weaker > 0.02 * len(fgsm) else "warn",
+                 detail + ": the iterative attack is not converging (masked or noisy gradients?)")
+
+
+def gradient_free_vs_white_box(evaluation: Evaluation, gradient_free: set[str]) -> Check:
+    """From the main run: did a gradient-free attack break samples every white-box attack missed?"""
+    white = [o.broken_at for o in evaluation.outcomes if o.name not in gradient_free]
+    free = [o.broken_at for o in evaluation.outcomes if o.name in gradient_free]
+    if not white or not free:
+        return Check("gradient-free <= white-box", "warn",
+                     "not checked: the suite needs both a gradient-free and a white-box attack")
+    white_at = torch.stack(white).min(0).values
+    free_at = torch.stack(free).min(0).values
+    beaten = int((free_at < white_at).sum())
+    attacked = int(evaluation.clean_correct.sum())
+    detail = f"gradient-free attacks broke {beaten} of {attacked} samples at a smaller eps than every white-box attack"
+    if beaten == 0:
+        return Check("gradient-free <= white-box", "pass", detail)
+    share = beaten / max(attacked, 1)
+    if share <= 0.03:  # a few samples: ordinary attack variance, not masking
+        return Check("gradient-free <= white-box", "pass", detail + f" ({share:.1%}, within attack variance)")
+    return Check("gradient-free <= white-box", "fail" if share > 0.10 else "warn",
+                 detail + ": the white-box attacks are being misled, a sign of gradient masking")
+
+
+def _strongest(inputs: CheckInputs) -> NamedAttack | None:
+    return inputs.iterative or inputs.gradient_free
+
+
+def monotone_in_eps(inputs: CheckInputs) -> Check:
+    """Independent runs (no nesting) at every eps: accuracy must not rise with eps."""
+    named = _strongest(inputs)
+    if named is None or len(inputs.eps) < 2:
+        return Check("monotone in eps", "warn", "not checked: needs an iterative attack and two eps values")
+    accs = [float(_robust_accuracy(inputs, named.attack, inputs.threat.with_eps(e)).float().mean())
+            for e in inputs.eps]
+    rises = [(a, b, e) for a, b, e in zip(accs, accs[1:], inputs.eps[1:]) if b > a + 1.0 / len(inputs.x) + 1e-9]
+    listing = ", ".join(f"{e:g}: {a:.1%}" for e, a in zip(inputs.eps, accs))
+    if not rises:
+        return Check("monotone in eps", "pass", f"{named.name} run independently per eps: {listing}")
+    return Check("monotone in eps", "fail", f"{named.name} accuracy rises with eps ({listing}): the attack fails at "
+                 "larger eps, a sign of gradient masking or a broken attack")
+
+
+def large_eps_probe(inputs: CheckInputs) -> Check:
+    """At linf eps = half the input range every model should be at about chance."""
+    named = _strongest(inputs)
+    if named is None:
+        return Check("large-eps probe", "warn", "not checked: no iterative or gradient-free attack in the suite")
+    low, high = inputs.threat.bounds
+    probe = ThreatModel(Norm.LINF, 0.5 * (high - low), inputs.threat.bounds)
+    if Norm.LINF not in named.attack.norms:
+        return Check("large-eps probe", "warn", f"not checked: {named.name} has no linf mode")
+    accuracy = float(_robust_accuracy(inputs, named.attack, probe).float().mean())
+    chance = 1.0 / inputs.num_classes
+    detail = f"{named.name} at linf {probe.eps:g} leaves {accuracy:.1%} accuracy (chance {chance:.1%})"
+    if accuracy <= chance + 0.05:
+        return Check("large-eps probe", "pass", detail)
+    return Check("large-eps probe", "fail" if accuracy > 0.5 else "warn",
+                 detail + ": an unbounded attacker should win; gradients are likely masked")
+
+
+def _stronger_params(params: Any) -> Any | None:
+    """Twice the steps and one more restart, for attacks that have those settings."""
+    if not dataclasses.is_dataclass(params):
+        return None
+    names = {f.name for f in dataclasses.fields(params)}
+    changes: dict[str, Any] = {}
+    for steps_name in ("steps", "max_iter"):
+        if steps_name in names:
+            changes[steps_name] = 2 * getattr(params, steps_name)
+            if "step_size" in names and getattr(params, "step_size", None) is not None:
+                changes["step_size"] = params.step_size / 2  # type: ignore[attr-defined]
+    for restarts_name in ("restarts", "n_restarts"):
+        if restarts_name in names:
+            changes[restarts_name] = getattr(params, restarts_name) + 1
+    return dataclasses.replace(params, **changes) if changes else None  # type: ignore[type-var]
+
+
+def convergence(inputs: CheckInputs) -> Check:
+    named = inputs.iterative
+    if named is None:
+        return Check("convergence", "warn", "not checked: no iterative attack in the suite")
+    stronger = _stronger_params(named.attack.params)
+    if stronger is None:
+        return Check("convergence", "warn", f"not checked: {named.name} has no steps/restarts settings")
+    base = float(_robust_accuracy(inputs, named.attack, inputs.threat).float().mean())
+    strong = float(_robust_accuracy(inputs, type(named.attack)(stronger), inputs.threat).float().mean())
+    gap = base - strong
+    detail = (f"{named.name} with twice the steps and one more restart: {base:.1%} -> {strong:.1%} "
+              f"on {len(inputs.x)} samples at eps {inputs.threat.eps:g}")
+    if gap <= 0.01 + 1e-9:
+        return Check("convergence", "pass", detail)
+    return Check("convergence", "warn", detail + ": the attack has not converged; raise steps/restarts (-o)")
+
+
+def confidence(evaluation: Evaluation, worst: list[dict[str, Any]]) -> Check:
+    widest = max((r["ci95"][1] - r["ci95"][0] for r in worst), default=0.0)
+    detail = f"widest 95% Wilson interval of the worst case: {100 * widest:.1f} points (n = {evaluation.n})"
+    too_wide = widest > 0.20
+    return Check("confidence", "warn" if too_wide else "pass",
+                 detail + (": too few samples for firm numbers; audit more (raise --limit)" if too_wide else ""))
+
+
+def validity(evaluation: Evaluation) -> Check:
+    rejected = {o.name: o.rejected for o in evaluation.outcomes if o.rejected}
+    if not rejected:
+        return Check("valid examples", "pass", "every adversarial example was in the ball, in the bounds and finite (fp32)")
+    listing = ", ".join(f"{k}: {v}" for k, v in rejected.items())
+    return Check("valid examples", "warn", f"examples rejected by the fp32 check and not counted ({listing})")
+
+
+def clean_subset(model: Model, x: Tensor, y: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Up to ``size`` clean-correct samples, chosen with a fixed seed."""
+    correct = (predict_logits(model, x).argmax(1).cpu() == y.cpu()).nonzero().squeeze(1)
+    order = torch.randperm(len(correct), generator=torch.Generator().manual_seed(seed))[:size]
+    index = correct[order].sort().values
+    return x[index], y[index]
+

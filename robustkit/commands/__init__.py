@@ -1,0 +1,1 @@
+"""Click commands beyond the registry listings: audit, harden, export."""

@@ -1,0 +1,82 @@
+"""``robustkit audit MODEL --data DATA``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from robustkit.commands.common import load_options, model_options, option_pairs
+
+
+@click.command()
+@click.argument("model")
+@click.option("--data", default="builtin:digits", show_default=True,
+              help="builtin:NAME, a .npz with x and y, or an image folder.")
+@model_options
+@click.option("--attack", "attacks", multiple=True, help="Attack name (repeatable); default: a suite.")
+@click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--eps", help="Comma-separated eps in input units, e.g. 2/255,8/255 (default: per norm).")
+@option_pairs
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write report files to DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@click.option("--limit", type=int, help="Audit only the first N evaluation samples.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast for attack gradients; success is always judged in fp32.")
+@click.option("--mode", type=click.Choice(["cascade", "per-attack"]), default="cascade", show_default=True,
+              help="cascade: each attack runs on the survivors of the earlier ones (fast worst case); "
+                   "per-attack: every attack on every sample (each attack's own accuracy).")
+@click.option("--check-samples", default=128, show_default=True, help="Samples for the sanity checks.")
+@click.option("--no-checks", is_flag=True, help="Skip the sanity checks (not recommended).")
+def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None,
+          device: str, attacks: tuple[str, ...], threat: str, eps: str | None, options: tuple[tuple[str, str], ...],
+          out: Path | None, as_json: bool, limit: int | None, batch_size: int, seed: int, precision: str,
+          mode: str, check_samples: int, no_checks: bool) -> None:
+    """Measure MODEL's clean and robust accuracy, with checks that catch gradient masking."""
+    from robustkit.audit import AuditConfig, parse_eps_list, run_audit
+    from robustkit.threat import Norm
+
+    config = AuditConfig(
+        model=model, data=data, load=load_options(arch, trust_code, mean, std, device), attacks=attacks,
+        options=options, norm=Norm.parse(threat), eps=parse_eps_list(eps) if eps else (), limit=limit,
+        batch_size=batch_size, seed=seed, precision=precision, mode=mode,  # type: ignore[arg-type]
+        check_samples=check_samples, run_checks=not no_checks, out=out,
+    )
+    report = run_audit(config)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        print_summary(report, out)
+    if not report["complete"]:
+        raise click.exceptions.Exit(130)
+    if any(c["status"] == "fail" for c in report["checks"]):
+        raise click.exceptions.Exit(3)
+
+
+def print_summary(report: dict[str, Any], out: Path | None) -> None:
+    from rich.table import Table
+
+    from robustkit.console import stdout
+
+    colours = {"pass": "green", "warn": "yellow", "fail": "red"}
+    stdout.print(f"[bold]{report['model']['source']}[/] on {report['data']['name']}: n = {report['n']}, "
+                 f"clean accuracy {100 * report['clean_accuracy']:.1f}%  ({report['attack_access']})")
+    table = Table("attack", "eps", "robust acc.", "95% CI", "s",
+                  title="robust accuracy" + (" (cumulative, cascade)" if report["mode"] == "cascade" else ""))
+    for row in report["results"]:
+        table.add_row(row["attack"], f"{row['eps']:g}", f"{100 * row['robust_accuracy']:.1f}%",
+                      f"{100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}", f"{row['seconds']:.1f}")
+    for row in report["worst_case"]:
+        table.add_row("[bold]worst case", f"{row['eps']:g}", f"[bold]{100 * row['robust_accuracy']:.1f}%",
+                      f"{100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}", "")
+    stdout.print(table)
+    for check in report["checks"]:
+        colour = colours.get(check["status"], "white")
+        stdout.print(f"[{colour}]{check['status']:>4}[/] {check['name']}: {check['detail']}")
+    if not report["complete"]:
+        stdout.print("[red]interrupted: partial results only[/]")
+    if out is not None:
+        stdout.print(f"report written to {out}/report.html (and report.json, report.md, per_sample.csv)")

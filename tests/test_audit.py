@@ -1,0 +1,208 @@
+"""The audit: numbers that agree with direct attacks, checks that catch gradient masking,
+the report files, interruption, distributed sharding and one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+from robustkit.attacks.native import FGSM, PGD
+from robustkit.audit import AuditConfig, run_audit
+from robustkit.cli import cli
+from robustkit.data import load_digits
+from robustkit.host import Host, set_host
+from robustkit.loading import LoadOptions
+from robustkit.report import REQUIRED_KEYS
+from robustkit.testing import trained_digits_model
+from robustkit.threat import ThreatModel
+
+EPS = (0.05, 0.1)
+FAST = (("pgd.steps", "10"), ("square.queries", "300"))
+
+
+class Quantize(nn.Module):
+    """A quantising input layer: rounding has zero gradient almost everywhere (masking)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+
+@pytest.fixture(autouse=True)
+def builtin_host():
+    set_host(Host(entry_points=False))
+    yield
+    set_host(None)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "cnn.safetensors"
+    save_file(trained_digits_model("cnn").state_dict(), str(path))
+    return path
+
+
+def masked_model_factory() -> nn.Module:
+    return nn.Sequential(Quantize(), trained_digits_model("cnn"))
+
+
+def audit(model: str, **kwargs) -> dict:
+    options = kwargs.pop("options", FAST if "attacks" not in kwargs else (("pgd.steps", "10"),))
+    config = AuditConfig(model, load=LoadOptions(arch=kwargs.pop("arch", "builtin:digits-cnn")), eps=EPS,
+                         limit=kwargs.pop("limit", 120), options=options, **kwargs)
+    return run_audit(config)
+
+
+def test_report_numbers_agree_with_direct_attacks(weights):
+    report = audit(str(weights), attacks=("fgsm", "pgd"), mode="per-attack", run_checks=False)
+    data = load_digits()
+    x, y = data.x[:120], data.y[:120]
+    model = trained_digits_model("cnn")
+    direct = {"robustkit:fgsm": FGSM(), "robustkit:pgd": PGD(steps=10)}
+    for row in report["results"]:
+        result = direct[row["attack"]](model, x, y, threat=ThreatModel("linf", row["eps"]))
+        assert abs(row["robust_accuracy"] - result.robust_accuracy) <= 0.025, row
+    for worst in report["worst_case"]:
+        singles = [r["robust_accuracy"] for r in report["results"] if r["eps"] == worst["eps"]]
+        assert worst["robust_accuracy"] <= min(singles) + 1e-9
+    clean = float((model(x).argmax(1) == y).float().mean())
+    assert report["clean_accuracy"] == pytest.approx(clean)
+
+
+def test_cascade_worst_case_matches_per_attack_and_costs_less(weights):
+    cascade = audit(str(weights), attacks=("fgsm", "pgd"), mode="cascade", run_checks=False)
+    full = audit(str(weights), attacks=("fgsm", "pgd"), mode="per-attack", run_checks=False)
+    for a, b in zip(cascade["worst_case"], full["worst_case"]):
+        assert abs(a["robust_accuracy"] - b["robust_accuracy"]) <= 0.02
+    attacked = lambda r: sum(row["attacked"] for row in r["results"])  # noqa: E731
+    assert attacked(cascade) < attacked(full)
+
+
+def test_checks_flag_a_gradient_masked_model(tmp_path):
+    path = tmp_path / "masked.pt"
+    torch.save(masked_model_factory().state_dict(), path)
+    factory = f"{Path(__file__).resolve()}:masked_model_factory"
+    report = audit(str(path), arch=factory, check_samples=64)
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert status["gradients"] == "fail"
+    assert status["large-eps probe"] == "fail"
+    assert status["gradient-free <= white-box"] in ("warn", "fail")
+    assert any(c["status"] == "fail" for c in report["checks"])
+
+
+def test_checks_stay_quiet_on_a_plain_model(weights):
+    report = audit(str(weights), check_samples=64)
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    for name in ("deterministic", "logits", "gradients", "valid examples", "iterative >= fgsm",
+                 "monotone in eps", "large-eps probe", "gradient-free <= white-box"):
+        assert status[name] == "pass", (name, report["checks"])
+
+
+def test_report_files_schema_and_html(weights, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1",
+                                      "--limit", "60", "-o", "pgd.steps", "5", "-o", "square.queries", "100",
+                                      "--check-samples", "32", "--out", str(out), "--json"])
+    assert result.exit_code in (0, 3), result.output
+    document = json.loads(result.stdout)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert document["results"] == on_disk["results"]
+    for key in REQUIRED_KEYS:
+        assert key in document, key
+    assert document["schema_version"] == "1.0" and document["complete"] is True
+    for row in document["results"]:
+        assert {"attack", "norm", "eps", "robust_accuracy", "ci95", "seconds", "params"} <= set(row)
+        assert row["ci95"][0] <= row["robust_accuracy"] <= row["ci95"][1]
+    for row in document["worst_case"]:
+        assert {"norm", "eps", "robust_accuracy", "ci95"} <= set(row)
+    assert all(c["status"] in ("pass", "warn", "fail") for c in document["checks"])
+    assert len(document["model"]["sha256"]) == 64 and document["model"]["format"] == "safetensors"
+
+    class Collector(HTMLParser):
+        tags: list[tuple[str, dict]] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+    parser = Collector()
+    parser.feed((out / "report.html").read_text())
+    images = [a for t, a in parser.tags if t == "img"]
+    assert images and images[0]["src"].startswith("data:image/png;base64,")
+    assert sum(1 for t, _ in parser.tags if t == "table") == 2
+    rows = (out / "per_sample.csv").read_text().splitlines()
+    assert rows[0].startswith("index,label,clean_correct") and len(rows) == 61
+    assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = PGD.run
+
+    def interrupting_run(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PGD, "run", interrupting_run)
+    out = tmp_path / "partial"
+    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1",
+                                      "--limit", "60", "--attack", "fgsm", "--attack", "pgd", "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is False
+    done = {(r["attack"], r["eps"]) for r in report["results"]}
+    assert ("robustkit:fgsm", 0.05) in done and ("robustkit:pgd", 0.05) in done
+    assert ("robustkit:pgd", 0.1) not in done
+    assert "interrupted" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attack", "pgdd"], "unknown attack 'pgdd'; did you mean"),
+        (["--eps", "-0.1"], "eps must be >= 0"),
+        (["-o", "stepz", "3"], "no attack in this audit has that parameter"),
+        (["--threat", "l2", "--attack", "square"], "does not support l2"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(weights, args, message):
+    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", *args])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_wrong_input_shape_is_one_line_error(weights, tmp_path):
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, x=np.random.rand(20, 64).astype(np.float32), y=np.zeros(20, dtype=np.int64))
+    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--data", str(flat)])
+    assert result.exit_code == 1
+    assert "N x C x H x W" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single_process(weights, tmp_path):
+    common = ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1", "--limit", "80",
+              "--attack", "fgsm", "--attack", "pgd", "-o", "steps", "5", "--batch-size", "16", "--no-checks"]
+    env = {"ROBUSTKIT_DISABLE_PLUGINS": "art,torchattacks", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    single = subprocess.run([sys.executable, "-m", "robustkit", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                            "-m", "robustkit", *common, "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert [(r["attack"], r["eps"], r["robust_accuracy"]) for r in one["results"]] == \
+           [(r["attack"], r["eps"], r["robust_accuracy"]) for r in two["results"]]
+    assert one["worst_case"] == two["worst_case"]
