@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -200,14 +201,16 @@ for _plural, _singular in (("attacks", "attack"), ("defences", "defence"), ("exp
 
 
 @cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("robustkit-demo"),
+              show_default=True, help="Folder for the demo's model and reports.")
 @click.option("--epochs", default=8, show_default=True, help="Training epochs for the demo model.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def demo(epochs: int, seed: int, as_json: bool) -> None:
-    """Train builtin:digits-cnn on builtin:digits and measure its robustness (no download)."""
+def demo(out: Path, epochs: int, seed: int, as_json: bool) -> None:
+    """Train builtin:digits-cnn on builtin:digits, audit it and report (no download)."""
     from robustkit.demo import print_demo, run_demo
 
-    result = run_demo(epochs=epochs, seed=seed)
+    result = run_demo(out=out, epochs=epochs, seed=seed)
     if as_json:
         emit_json(result)
     else:

@@ -12,13 +12,13 @@ from torch import Tensor, nn
 
 
 def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """Two conv layers and two linear ones for 8x8 digits (about 150k parameters)."""
+    """Two conv layers and two linear ones for 8x8 digits (about 71k parameters, 0.4 MFLOP)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        nn.Linear(32 * 4 * 4, 128), nn.ReLU(),
         nn.Linear(128, num_classes),
     )
 

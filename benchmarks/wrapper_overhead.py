@@ -1,0 +1,96 @@
+"""What robustkit's wrappers cost over calling torchattacks and ART directly, in one run.
+
+PGD-10 (linf 8/255, random start, step 2/255) on the benchmark CNN (`robustkit.zoo.cnn4_bn`,
+4 conv layers with BatchNorm) with 3x32x32 synthetic inputs, one batch, eval mode:
+  robustkit `torchattacks:pgd`  vs  torchattacks.PGD called directly
+  robustkit `art:pgd`           vs  ART ProjectedGradientDescentPyTorch called directly
+Runs are interleaved and repeated; medians are compared. The wrapper's price includes the
+core's fp32 re-check of every example (one extra forward pass) and the projection.
+Target: at most 5% over the direct call.
+
+    python benchmarks/wrapper_overhead.py [--batch 128] [--repeats 7] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from robustkit.host import Host
+from robustkit.threat import Norm, ThreatModel
+from robustkit.zoo import cnn4_bn
+
+EPS, STEP, STEPS = 8 / 255, 2 / 255, 10
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args()
+
+    import torchattacks
+    from art.attacks.evasion import ProjectedGradientDescentPyTorch
+    from art.estimators.classification import PyTorchClassifier
+
+    torch.manual_seed(0)
+    model = cnn4_bn().eval()
+    x = torch.rand(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    threat = ThreatModel(Norm.LINF, EPS)
+    attacks = Host().attacks
+    wrapped_ta = attacks.resolve("torchattacks:pgd").obj(steps=STEPS, step_size=STEP)
+    wrapped_art = attacks.resolve("art:pgd").obj(steps=STEPS, step_size=STEP)
+
+    def direct_art() -> np.ndarray:
+        classifier = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 32, 32),
+                                       nb_classes=10, clip_values=(0.0, 1.0))
+        attack = ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS,
+                                                 num_random_init=1, batch_size=args.batch, verbose=False)
+        return attack.generate(x.numpy(), y=y.numpy())
+
+    runs: dict[str, Callable[[], object]] = {
+        "torchattacks direct": lambda: torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=STEPS)(x, y),
+        "robustkit torchattacks:pgd": lambda: wrapped_ta(model, x, y, threat=threat),
+        "art direct": direct_art,
+        "robustkit art:pgd": lambda: wrapped_art(model, x, y, threat=threat),
+    }
+    for fn in runs.values():  # warm-up: kernel selection, allocator, lazy imports
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            samples[name].append(timed(fn))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    result = {
+        "batch": args.batch, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "median_seconds": median,
+        "images_per_second": {name: args.batch / value for name, value in median.items()},
+        "overhead": {
+            "torchattacks": median["robustkit torchattacks:pgd"] / median["torchattacks direct"] - 1,
+            "art": median["robustkit art:pgd"] / median["art direct"] - 1,
+        },
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for name, value in median.items():
+        print(f"{name:28s} {args.batch / value:8.1f} images/s")
+    for library, overhead in result["overhead"].items():
+        print(f"wrapper overhead over {library}: {overhead:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
