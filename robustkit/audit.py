@@ -88,7 +88,9 @@ def _split_options(options: Sequence[tuple[str, str]], names: Sequence[str]) -> 
             continue
         takers = [n for n in names if bare.replace("-", "_") in _fields(registry.resolve(n).obj)]
         if not takers:
-            raise ParamsError(f"-o {key}: no attack in this audit has that parameter; see `robustkit attacks show NAME`")
+            raise ParamsError(
+                f"-o {key}: no attack in this audit has that parameter; see `robustkit attacks show NAME`"
+            )
         for name in takers:
             routed[name][bare] = value
     return routed
@@ -216,8 +218,8 @@ def _pick(suite: list[NamedAttack], predicate: Any) -> NamedAttack | None:
     return found[-1] if found else None
 
 
-def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation,
-               suite: list[NamedAttack], output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
+def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation, suite: list[NamedAttack],
+               output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
     x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
     eps = sorted(evaluation.eps)
     middle = eps[len(eps) // 2] if eps else 0.0

@@ -179,8 +179,9 @@ def _stronger_params(params: Any) -> Any | None:
     for steps_name in ("steps", "max_iter"):
         if steps_name in names:
             changes[steps_name] = 2 * getattr(params, steps_name)
-            if "step_size" in names and getattr(params, "step_size", None) is not None:
-                changes["step_size"] = params.step_size / 2  # type: ignore[attr-defined]
+            step_size = getattr(params, "step_size", None)
+            if step_size is not None:
+                changes["step_size"] = step_size / 2
     for restarts_name in ("restarts", "n_restarts"):
         if restarts_name in names:
             changes[restarts_name] = getattr(params, restarts_name) + 1
@@ -215,7 +216,8 @@ def confidence(evaluation: Evaluation, worst: list[dict[str, Any]]) -> Check:
 def validity(evaluation: Evaluation) -> Check:
     rejected = {o.name: o.rejected for o in evaluation.outcomes if o.rejected}
     if not rejected:
-        return Check("valid examples", "pass", "every adversarial example was in the ball, in the bounds and finite (fp32)")
+        return Check("valid examples", "pass",
+                     "every adversarial example was in the ball, in the bounds and finite (fp32)")
     listing = ", ".join(f"{k}: {v}" for k, v in rejected.items())
     return Check("valid examples", "warn", f"examples rejected by the fp32 check and not counted ({listing})")
 

@@ -93,6 +93,10 @@ class Evaluation:
         return names
 
 
+def _params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
 def evaluate(
     model: Model,
     x: Tensor,
@@ -126,7 +130,7 @@ def evaluate(
     clean_correct = (clean_logits.argmax(1) == y.to(clean_logits.device)).cpu()
     initial = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
     outcomes = [
-        AttackOutcome(a.name, dataclasses.asdict(a.attack.params) if dataclasses.is_dataclass(a.attack.params)
+        AttackOutcome(a.name, _params_dict(a.attack.params) if dataclasses.is_dataclass(a.attack.params)
                       else {}, initial.clone()) for a in attacks
     ]
     evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)

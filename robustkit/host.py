@@ -9,6 +9,7 @@ other plugin and command keeps working. ``ROBUSTKIT_STRICT_PLUGINS=1`` re-raises
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -83,7 +84,8 @@ class Host:
         self._registries: dict[str, Registry[Any]] | None = None
         if builtins:
             for module_name in BUILTIN_PLUGINS:
-                self._add(module_name, BUILTIN_PROVIDER, "built-in", lambda m=module_name: importlib.import_module(m))
+                load = functools.partial(importlib.import_module, module_name)
+                self._add(module_name, BUILTIN_PROVIDER, "built-in", load)
         if entry_points:
             self._load_entry_points()
         for directory in plugins_dirs:
@@ -125,7 +127,7 @@ class Host:
                 raise RobustkitError(f"unknown hook {unknown[0]!r}; see docs/plugin-hooks.md for the hook names")
             self.pm.register(plugin, name=name)
             record.hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or ())
-        except Exception as err:  # noqa: BLE001 - any failure of a plugin is charged to it
+        except Exception as err:
             self._fail(record, err)
         else:
             if self._registries is not None:  # registries already built: let it register now
@@ -147,7 +149,7 @@ class Host:
         path = Path(directory)
         if not path.is_dir():
             raise RobustkitError(f"--plugins-dir {str(directory)!r} is not a directory")
-        return [self._add(file.stem, file.stem, f"file {file}", lambda f=file: _import_file(f))
+        return [self._add(file.stem, file.stem, f"file {file}", functools.partial(_import_file, file))
                 for file in sorted(path.glob("*.py")) if not file.name.startswith("_")]
 
     def register(self, plugin: Any, name: str, *, provider: str | None = None) -> PluginRecord:
@@ -174,7 +176,7 @@ class Host:
                 bound = ProviderRegistry(self._registries[attr], record.provider, record.name)
                 try:
                     self._call(impl, registry=bound)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     self._fail(record, err)
 
     @property
@@ -212,7 +214,7 @@ class Host:
                 result = self._call(impl, **kwargs)
             except RobustkitError:
                 raise
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise RobustkitError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {_one_line(err)}") from err
             if result is not None:
                 return result
@@ -224,7 +226,7 @@ class Host:
         for impl in self._impls(hook_name):
             try:
                 results.append((impl.plugin_name, self._call(impl, **kwargs)))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if self.strict:
                     raise
                 log.warning("plugin %r failed in %s: %s", impl.plugin_name, hook_name, _one_line(err))
@@ -235,7 +237,7 @@ class Host:
             record = self.records[impl.plugin_name]
             try:
                 self._call(impl, cli=cli)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 self._fail(record, err)
 
     def plugins(self) -> list[PluginRecord]:

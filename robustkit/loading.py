@@ -124,14 +124,15 @@ def load_state_dict_strict(net: nn.Module, state: dict[str, Tensor], source: str
         parts = []
         if mismatched:
             k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
-                         f"architecture {tuple(own[k].shape)}")
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} "
+                         f"vs architecture {tuple(own[k].shape)}")
         if missing:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         raise RobustkitError(
-            f"weights in {source} do not fit --arch {arch}: {'; '.join(parts)}; pass the architecture they were saved from"
+            f"weights in {source} do not fit --arch {arch}: {'; '.join(parts)}; "
+            "pass the architecture they were saved from"
         )
     net.load_state_dict(state, strict=True)
 
@@ -175,12 +176,13 @@ def check_model_output(model: Model, x: Tensor, num_classes: int | None = None) 
     probe = x[: min(len(x), 16)].to(model_device(model))
     try:
         out = predict_logits(model, probe)
-    except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
-        raise RobustkitError(
-            f"the model fails on inputs of shape {tuple(probe.shape[1:])}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RobustkitError(f"the model fails on inputs of shape {tuple(probe.shape[1:])}: {reason}") from None
     if out.dim() != 2 or out.shape[0] != len(probe):
-        raise RobustkitError(f"the model returns shape {tuple(out.shape)} for {len(probe)} inputs; expected (N, C) logits")
+        raise RobustkitError(
+            f"the model returns shape {tuple(out.shape)} for {len(probe)} inputs; expected (N, C) logits"
+        )
     if not bool(torch.isfinite(out).all()):
         raise RobustkitError("the model returns non-finite outputs (NaN or inf) on clean inputs")
     if num_classes is not None and out.shape[1] < num_classes:

@@ -25,6 +25,8 @@ class Normalized(nn.Module):
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ValueError("mean and std need the same length and a positive std")
         self.net = net
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -54,10 +56,10 @@ def eval_mode(model: Any) -> Iterator[None]:
 def model_device(model: Any) -> torch.device:
     """Device of a module's first parameter or buffer (CPU for parameter-free callables)."""
     if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-        for tensor in model.buffers():
-            return tensor.device
+        for parameter in model.parameters():
+            return parameter.device
+        for buffer in model.buffers():
+            return buffer.device
     return torch.device("cpu")
 
 

@@ -86,16 +86,16 @@ def plot_png(report: dict[str, Any]) -> bytes:
     for row in report["results"]:
         by_attack.setdefault(row["attack"], []).append((row["eps"], row["robust_accuracy"]))
     for name, points in by_attack.items():
-        xs, ys = zip(*sorted([(0.0, clean), *points]))
-        ax.plot(xs, [100 * y for y in ys], marker="o", linewidth=1.2, label=name)
+        ordered = sorted([(0.0, clean), *points])
+        ax.plot([e for e, _ in ordered], [100 * a for _, a in ordered], marker="o", linewidth=1.2, label=name)
     if report["worst_case"]:
         rows = sorted(report["worst_case"], key=lambda r: r["eps"])
-        xs = [0.0] + [r["eps"] for r in rows]
-        ys = [100 * clean] + [100 * r["robust_accuracy"] for r in rows]
+        eps = [0.0] + [r["eps"] for r in rows]
+        worst = [100 * clean] + [100 * r["robust_accuracy"] for r in rows]
         low = [100 * clean] + [100 * r["ci95"][0] for r in rows]
         high = [100 * clean] + [100 * r["ci95"][1] for r in rows]
-        ax.plot(xs, ys, color="black", linewidth=2.4, label="worst case")
-        ax.fill_between(xs, low, high, color="black", alpha=0.12, label="worst case 95% CI")
+        ax.plot(eps, worst, color="black", linewidth=2.4, label="worst case")
+        ax.fill_between(eps, low, high, color="black", alpha=0.12, label="worst case 95% CI")
     ax.set_xlabel(f"eps ({report['threat']['norm']}, input units)")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
@@ -164,7 +164,9 @@ def render_html(report: dict[str, Any], png: bytes) -> str:
         f'<tr><td>{esc(c["name"])}</td><td style="color:{colours.get(c["status"], "#000")}">{esc(c["status"])}'
         f"</td><td>{esc(c['detail'])}</td></tr>" for c in report["checks"]
     )
-    sections = "".join(f"<h2>{esc(s['title'])}</h2><pre>{esc(s['markdown'])}</pre>" for s in report.get("sections", []))
+    sections = "".join(
+        f"<h2>{esc(s['title'])}</h2><pre>{esc(s['markdown'])}</pre>" for s in report.get("sections", [])
+    )
     image = base64.b64encode(png).decode()
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>robustkit audit: {esc(report['model']['source'])}</title>
@@ -187,7 +189,8 @@ threat {esc(report['threat']['norm'])}, mode {esc(report['mode'])}.</p>
 <h2>Checks</h2>
 <table><tr><th>check</th><th>status</th><th>detail</th></tr>{check_rows}</table>
 {sections}
-<p><small>robustkit {esc(report['environment'].get('robustkit', ''))}, schema {esc(report['schema_version'])}</small></p>
+<p><small>robustkit {esc(report['environment'].get('robustkit', ''))},
+schema {esc(report['schema_version'])}</small></p>
 </body></html>
 """
 

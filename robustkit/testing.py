@@ -57,7 +57,9 @@ def check_attack_contract(attack: Attack, *, model: nn.Module | None = None,
     model = model if model is not None else contract_model()
     x, y = batch if batch is not None else contract_batch()
     model.train()
-    model[1].eval()  # a mixed mode must be restored exactly, not just "train"
+    batch_norm = next((m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if batch_norm is not None:
+        batch_norm.eval()  # a mixed mode must be restored exactly, not just "train"
     modes = [m.training for m in model.modules()]
     state = copy.deepcopy(model.state_dict())
     for norm in sorted(attack.norms, key=lambda n: n.value):
@@ -87,7 +89,10 @@ def check_attack_contract(attack: Attack, *, model: nn.Module | None = None,
 def fast_params(attack_cls: type[Attack]) -> dict[str, Any]:
     """Settings that keep contract tests quick (few steps/queries) where an attack has them."""
     fields = {f for f in getattr(attack_cls.Params, "__dataclass_fields__", {})}
-    wanted = {"steps": 3, "max_iter": 3, "restarts": 1, "queries": 20, "max_queries": 20, "n_queries": 20}
+    wanted = {"steps": 3, "max_iter": 3, "restarts": 1, "queries": 20, "max_queries": 20, "n_queries": 20,
+              # budgets of C&W, HopSkipJump and Boundary (their defaults take minutes per batch)
+              "binary_search_steps": 1, "decrease_factor": 0.3, "initial_const": 1.0, "largest_const": 4.0,
+              "max_eval": 100, "init_eval": 10, "init_size": 20, "num_trial": 5, "sample_size": 5}
     return {k: v for k, v in wanted.items() if k in fields}
 
 

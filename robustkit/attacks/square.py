@@ -6,6 +6,7 @@ gradient attacks: if it breaks samples they could not, the gradients were maskin
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ def square_fraction(p_init: float, query: int, queries: int) -> float:
     """Share of the image the square covers at ``query``, rescaled to a 10,000-query budget."""
     progress = int(query / queries * 10000)
     divisor = 1
-    for (threshold, _), (_, next_divisor) in zip(_SCHEDULE, _SCHEDULE[1:]):
+    for (threshold, _), (_, next_divisor) in itertools.pairwise(_SCHEDULE):
         if progress > threshold:
             divisor = next_divisor
     return p_init / divisor
@@ -76,7 +77,7 @@ class Square(Attack):
         for query in range(1, p.queries):
             if active.numel() == 0:
                 break
-            side = int(round(math.sqrt(square_fraction(p.p_init, query, p.queries) * height * width)))
+            side = round(math.sqrt(square_fraction(p.p_init, query, p.queries) * height * width))
             side = min(max(side, 1), max(min(height, width) - 1, 1))
             top = int(torch.randint(0, height - side + 1, (1,), generator=generator, device=x.device))
             left = int(torch.randint(0, width - side + 1, (1,), generator=generator, device=x.device))
