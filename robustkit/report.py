@@ -101,7 +101,8 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("robust accuracy against eps" + ("" if report["complete"] else " (INCOMPLETE)"))
+    scope = " (cascade: each line includes the attacks before it)" if report["mode"] == "cascade" else ""
+    ax.set_title("robust accuracy against eps" + scope + ("" if report["complete"] else " INCOMPLETE"), fontsize=9)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
