@@ -26,6 +26,7 @@ from robustkit.errors import ParamsError, RobustkitError
 from robustkit.evaluate import NEVER, Evaluation, NamedAttack, evaluate
 from robustkit.host import get_host
 from robustkit.loading import LoadedModel, LoadOptions, check_model_output, load_model
+from robustkit.modules import predict_logits
 from robustkit.params import coerce
 from robustkit.report import SCHEMA_VERSION, ReportSection, accuracy_with_ci, wilson_interval, write_report
 from robustkit.threat import Norm, ThreatModel, parse_number
@@ -55,6 +56,7 @@ class AuditConfig:
     mode: Mode = "cascade"
     check_samples: int = 128
     run_checks: bool = True
+    black_box: bool = False  #: attack through scores only (an ONNX model: onnxruntime, no conversion)
     out: Path | None = None
 
 
@@ -249,6 +251,14 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
         if config.limit < 1:
             raise RobustkitError(f"--limit must be >= 1, got {config.limit}")
         data.x, data.y = data.x[: config.limit], data.y[: config.limit]
+    if loaded.format == "onnx":
+        from robustkit.builtins.onnx_loader import choose_access
+
+        choose_access(loaded, data.x, device=config.load.device, black_box=config.black_box)
+    elif config.black_box and loaded.white_box:
+        module = loaded.model
+        loaded.model = lambda x: predict_logits(module, x).to(x.device)
+        loaded.notes.append("attacked black-box (scores only), as requested")
     output_check = check_model_output(loaded.model, data.x, data.num_classes)
     data.validate(output_check.num_classes)
     eps_list = config.eps or default_eps(config.norm, data.bounds)

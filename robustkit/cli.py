@@ -119,10 +119,11 @@ def describe_entry(entry: Any) -> dict[str, Any]:
     obj = entry.obj
     info: dict[str, Any] = {"name": entry.qualified_name, "provider": entry.provider,
                             "aliases": list(entry.aliases), "summary": entry.summary}
-    if hasattr(obj, "norms"):
+    if hasattr(obj, "norms"):  # attacks, and defences that declare the norms they train for
         info["norms"] = sorted(n.value for n in obj.norms)
-        info["targeted"] = bool(obj.supports_targeted)
-        info["gradients"] = bool(obj.needs_gradients)
+    for key, attr in (("targeted", "supports_targeted"), ("gradients", "needs_gradients")):
+        if hasattr(obj, attr):
+            info[key] = bool(getattr(obj, attr))
     if hasattr(obj, "kind") and isinstance(getattr(obj, "kind", None), str):
         info["kind"] = obj.kind
     if hasattr(obj, "suffix"):
@@ -219,8 +220,14 @@ def demo(out: Path, epochs: int, seed: int, as_json: bool) -> None:
 
 def _add_commands() -> None:
     from robustkit.commands.audit import audit
+    from robustkit.commands.export import export
+    from robustkit.commands.harden import harden
+    from robustkit.commands.new_plugin import new_plugin
 
     cli.add_command(audit)
+    cli.add_command(harden)
+    cli.add_command(export)
+    cli.add_command(new_plugin)
 
 
 _add_commands()
@@ -228,7 +235,3 @@ _add_commands()
 
 def main() -> None:
     cli(prog_name="robustkit")
-
-
-from robustkit.commands.harden import harden as _harden  # noqa: E402 - after the group it joins
-cli.add_command(_harden)

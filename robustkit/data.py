@@ -147,23 +147,34 @@ def _as_labels(array: np.ndarray, where: str) -> Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
+def _read(archive: Any, key: str, path: Path) -> np.ndarray:
+    """One array of an open ``.npz``; numpy reads arrays lazily, so object arrays fail here."""
+    try:
+        return archive[key]
+    except ValueError as err:
+        raise DataError(
+            f"{path}: array {key!r} holds pickled objects ({err}); save plain arrays with np.savez"
+        ) from None
+
+
 def load_npz(path: Path) -> Dataset:
     """``x``/``y`` (evaluation) and optionally ``x_train``/``y_train``; never unpickles."""
     try:
         archive = np.load(path, allow_pickle=False)
     except ValueError as err:
         raise DataError(f"{path}: holds pickled objects ({err}); save plain arrays with np.savez") from None
-    except Exception as err:  # noqa: BLE001 - zip, OSError, ...
+    except Exception as err:
         raise DataError(f"{path}: not a readable .npz file ({err})") from None
     with archive:
         keys = set(archive.files)
         if not {"x", "y"} <= keys:
             raise DataError(f"{path}: needs arrays 'x' and 'y' (has: {', '.join(sorted(keys)) or 'none'})")
-        x, y = _as_float_inputs(archive["x"], str(path)), _as_labels(archive["y"], str(path))
+        x = _as_float_inputs(_read(archive, "x", path), str(path))
+        y = _as_labels(_read(archive, "y", path), str(path))
         x_train = y_train = None
         if "x_train" in keys and "y_train" in keys:
-            x_train = _as_float_inputs(archive["x_train"], str(path))
-            y_train = _as_labels(archive["y_train"], str(path))
+            x_train = _as_float_inputs(_read(archive, "x_train", path), str(path))
+            y_train = _as_labels(_read(archive, "y_train", path), str(path))
     labels = torch.cat([y] + ([y_train] if y_train is not None else []))
     num_classes = int(labels.max()) + 1 if len(labels) else 0
     return Dataset(path.stem, x, y, num_classes, x_train, y_train, source=str(path))

@@ -19,7 +19,7 @@ from robustkit.threat import parse_number
 P = TypeVar("P")
 
 
-def param(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites
+def param(default: Any, help: str) -> Any:
     """A dataclass field with a default and a one-line help text."""
     return field(default=default, metadata={"help": help})
 

@@ -1,5 +1,6 @@
 """The audit: numbers that agree with direct attacks, checks that catch gradient masking,
 the report files, interruption, distributed sharding and one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,14 @@ def masked_model_factory() -> nn.Module:
 
 def audit(model: str, **kwargs) -> dict:
     options = kwargs.pop("options", FAST if "attacks" not in kwargs else (("pgd.steps", "10"),))
-    config = AuditConfig(model, load=LoadOptions(arch=kwargs.pop("arch", "builtin:digits-cnn")), eps=EPS,
-                         limit=kwargs.pop("limit", 120), options=options, **kwargs)
+    config = AuditConfig(
+        model,
+        load=LoadOptions(arch=kwargs.pop("arch", "builtin:digits-cnn")),
+        eps=EPS,
+        limit=kwargs.pop("limit", 120),
+        options=options,
+        **kwargs,
+    )
     return run_audit(config)
 
 
@@ -101,16 +108,45 @@ def test_checks_flag_a_gradient_masked_model(tmp_path):
 def test_checks_stay_quiet_on_a_plain_model(weights):
     report = audit(str(weights), check_samples=64)
     status = {c["name"]: c["status"] for c in report["checks"]}
-    for name in ("deterministic", "logits", "gradients", "valid examples", "iterative >= fgsm",
-                 "monotone in eps", "large-eps probe", "gradient-free <= white-box"):
+    for name in (
+        "deterministic",
+        "logits",
+        "gradients",
+        "valid examples",
+        "iterative >= fgsm",
+        "monotone in eps",
+        "large-eps probe",
+        "gradient-free <= white-box",
+    ):
         assert status[name] == "pass", (name, report["checks"])
 
 
 def test_report_files_schema_and_html(weights, tmp_path):
     out = tmp_path / "report"
-    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1",
-                                      "--limit", "60", "-o", "pgd.steps", "5", "-o", "square.queries", "100",
-                                      "--check-samples", "32", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "audit",
+            str(weights),
+            "--arch",
+            "builtin:digits-cnn",
+            "--eps",
+            "0.05,0.1",
+            "--limit",
+            "60",
+            "-o",
+            "pgd.steps",
+            "5",
+            "-o",
+            "square.queries",
+            "100",
+            "--check-samples",
+            "32",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code in (0, 3), result.output
     document = json.loads(result.stdout)
     on_disk = json.loads((out / "report.json").read_text())
@@ -154,8 +190,25 @@ def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch)
 
     monkeypatch.setattr(PGD, "run", interrupting_run)
     out = tmp_path / "partial"
-    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1",
-                                      "--limit", "60", "--attack", "fgsm", "--attack", "pgd", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "audit",
+            str(weights),
+            "--arch",
+            "builtin:digits-cnn",
+            "--eps",
+            "0.05,0.1",
+            "--limit",
+            "60",
+            "--attack",
+            "fgsm",
+            "--attack",
+            "pgd",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 130, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is False
@@ -184,25 +237,70 @@ def test_bad_input_gives_one_line_errors(weights, args, message):
 def test_wrong_input_shape_is_one_line_error(weights, tmp_path):
     flat = tmp_path / "flat.npz"
     np.savez(flat, x=np.random.rand(20, 64).astype(np.float32), y=np.zeros(20, dtype=np.int64))
-    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--data", str(flat)])
+    result = CliRunner().invoke(
+        cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--data", str(flat)]
+    )
     assert result.exit_code == 1
     assert "N x C x H x W" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(weights, tmp_path):
-    common = ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1", "--limit", "80",
-              "--attack", "fgsm", "--attack", "pgd", "-o", "steps", "5", "--batch-size", "16", "--no-checks"]
-    env = {"ROBUSTKIT_DISABLE_PLUGINS": "art,torchattacks", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    single = subprocess.run([sys.executable, "-m", "robustkit", *common, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    common = [
+        "audit",
+        str(weights),
+        "--arch",
+        "builtin:digits-cnn",
+        "--eps",
+        "0.05,0.1",
+        "--limit",
+        "80",
+        "--attack",
+        "fgsm",
+        "--attack",
+        "pgd",
+        "-o",
+        "steps",
+        "5",
+        "--batch-size",
+        "16",
+        "--no-checks",
+    ]
+    env = {
+        "ROBUSTKIT_DISABLE_PLUGINS": "art,torchattacks",
+        "OMP_NUM_THREADS": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    single = subprocess.run(
+        [sys.executable, "-m", "robustkit", *common, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                            "-m", "robustkit", *common, "--out", str(tmp_path / "two")],
-                           capture_output=True, text=True, env=env, timeout=600)
+    multi = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "robustkit",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert multi.returncode == 0, multi.stderr[-2000:]
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert [(r["attack"], r["eps"], r["robust_accuracy"]) for r in one["results"]] == \
-           [(r["attack"], r["eps"], r["robust_accuracy"]) for r in two["results"]]
+    assert [(r["attack"], r["eps"], r["robust_accuracy"]) for r in one["results"]] == [
+        (r["attack"], r["eps"], r["robust_accuracy"]) for r in two["results"]
+    ]
     assert one["worst_case"] == two["worst_case"]

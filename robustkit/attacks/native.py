@@ -118,11 +118,15 @@ class PGDParams:
     loss: LossName = param("ce", "objective: cross-entropy or the C&W margin")
     precision: Precision = param("fp32", "autocast dtype for the gradient; success is judged in fp32")
     early_stop: bool = param(True, "stop attacking a sample once an iterate fools the model")
+    last_iterate: bool = param(False, "return every sample's last iterate (the inner maximiser of "
+                                      "adversarial training) instead of the first that fooled; no early stop")
     seed: int = param(0, "seed of the random starts")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.restarts < 1:
             raise ValueError("steps and restarts must be >= 1")
+        if self.last_iterate and self.restarts > 1:
+            raise ValueError("last_iterate needs restarts=1")
         if self.step_size is not None and self.step_size <= 0:
             raise ValueError("step_size must be > 0")
 
@@ -140,6 +144,13 @@ class PGD(Attack):
         p: PGDParams = self.params
         step_size = p.step_size if p.step_size is not None else 2.5 * threat.eps / p.steps
         generator = _generator(x, p.seed)
+        if p.last_iterate:  # Madry's maximiser: no success bookkeeping, no host syncs
+            x_adv = random_start(x, threat, generator) if p.random_start else x.clone()
+            for _ in range(p.steps):
+                grad, _ = input_gradient(model, x_adv, labels, targeted=threat.targeted, loss=p.loss,
+                                         precision=p.precision)
+                x_adv = threat.project(x, x_adv + ascent_step(grad, threat.norm, step_size))
+            return x_adv
         result = x.detach().clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for restart in range(p.restarts):

@@ -103,8 +103,12 @@ def _load_torch_file(path: Path, options: LoadOptions) -> LoadedModel:
 def _load_exported_program(path: Path, options: LoadOptions) -> LoadedModel:
     if not options.trust_code:
         raise _refuse(path, "a torch.export program")
-    program = torch.export.load(str(path))
-    return LoadedModel(program.module(), str(path), "torch.export", file_sha256(path), trusted_code=True)
+    module = torch.export.load(str(path)).module()
+    # The graph's train/eval behaviour was fixed at export; torch makes train()/eval() raise on
+    # it, but attacks toggle modes around every call, so give back nn.Module's flag-only ones.
+    del module.train, module.eval
+    return LoadedModel(module, str(path), "torch.export", file_sha256(path), trusted_code=True,
+                       notes=["torch.export graph: its train/eval behaviour is the one it was exported in"])
 
 
 def load_model_file(ref: str, options: LoadOptions) -> LoadedModel | None:

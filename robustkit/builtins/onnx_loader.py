@@ -1,21 +1,31 @@
-"""ONNX models: checked, refused when unsafe, run by onnxruntime as a black box.
+"""ONNX models: checked, refused when unsafe, run by onnxruntime; converted to torch for
+white-box audits where the data confirm the conversion.
 
-Imported only when an ``.onnx`` file is loaded, so ``onnx`` and ``onnxruntime`` stay off the
-start-up path.
+Loading gives the file as it is deployed: onnxruntime, scores only. An audit then tries a
+conversion to torch (onnx2torch) to attack with gradients, and trusts it only if it agrees
+with onnxruntime on the audit's own data; otherwise, or on request, it attacks black-box
+through onnxruntime. Imported only when an ``.onnx`` file is loaded, so ``onnx``,
+``onnxruntime`` and ``onnx2torch`` stay off the start-up path.
 """
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
 from robustkit.loading import LoadedModel, LoadOptions, file_sha256
+from robustkit.modules import predict_logits
 
 #: Operator domains onnxruntime implements itself; anything else needs custom (native) code.
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+#: Largest logit difference between the torch conversion and onnxruntime, relative to the
+#: largest logit, for the conversion's gradients to stand for the deployed model.
+CONVERSION_RTOL = 1e-3
+RUNTIME_NOTE = "run by onnxruntime: scores only, no gradients (black-box attacks)"
 
 
 class OnnxPredictor:
@@ -42,7 +52,7 @@ def check_onnx_file(path: Path) -> None:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf decode errors have many types
+    except Exception as err:
         raise RobustkitError(f"{path.name} is not a valid ONNX file ({type(err).__name__})") from None
     folder = path.parent.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
@@ -63,7 +73,7 @@ def check_onnx_file(path: Path) -> None:
         )
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RobustkitError(f"{path.name} fails onnx.checker: {first}") from None
 
@@ -72,5 +82,73 @@ def load_onnx(path: Path, options: LoadOptions) -> LoadedModel:
     check_onnx_file(path)
     return LoadedModel(
         OnnxPredictor(path), str(path), "onnx", file_sha256(path),
-        notes=["run by onnxruntime: scores only, no gradients (black-box attacks)"],
+        notes=[RUNTIME_NOTE],
     )
+
+
+class ConvertedOnnx(nn.Module):
+    """An ONNX graph converted to torch modules; returns the graph's first output."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.graph(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def convert_to_torch(path: Path) -> nn.Module:
+    """onnx2torch's conversion, after rewrites that keep the graph's meaning but that it needs.
+
+    onnxscript's optimizer folds constants into initializers (onnx2torch reads biases and
+    shapes only from those), and ``Reshape(allowzero=1)`` (what torch's dynamo exporter writes)
+    becomes the default form where the target shape is a constant without zeros, the only
+    case in which the attribute changes nothing.
+    """
+    import onnx
+    import onnxscript.optimizer
+    from onnx2torch import convert
+
+    model = onnxscript.optimizer.optimize(onnx.load(str(path)))
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        shape = initializers.get(node.input[1]) if node.op_type == "Reshape" else None
+        if shape is not None and 0 not in onnx.numpy_helper.to_array(shape):
+            kept = [a for a in node.attribute if a.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return ConvertedOnnx(convert(model)).eval()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
+
+
+def choose_access(loaded: LoadedModel, x: Tensor, *, device: str = "cpu", black_box: bool = False) -> None:
+    """Swap in a torch conversion of ``loaded`` (white-box) if it agrees with onnxruntime on ``x``.
+
+    Otherwise, or with ``black_box``, the model stays onnxruntime's; the notes say which and why.
+    """
+    if black_box:
+        loaded.notes.append("attacked black-box through onnxruntime, as requested (no conversion to torch)")
+        return
+    try:
+        converted = convert_to_torch(Path(loaded.source)).to(device)
+    except Exception as err:  # unsupported operators surface as many error types
+        loaded.notes.append(f"no torch conversion ({_one_line(err)}): attacked black-box through onnxruntime")
+        return
+    expected = predict_logits(loaded.model, x)
+    got = predict_logits(converted, x).cpu()
+    diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    agree = float((got.argmax(1) == expected.argmax(1)).float().mean()) if got.shape == expected.shape else 0.0
+    if agree < 1.0 or not diff <= CONVERSION_RTOL * max(1.0, float(expected.abs().max())):
+        loaded.notes.append(f"the torch conversion disagrees with onnxruntime on the data (max abs diff {diff:.3g}, "
+                            f"argmax agreement {100 * agree:.1f}%): attacked black-box through onnxruntime")
+        return
+    loaded.model = converted
+    loaded.notes = [n for n in loaded.notes if n != RUNTIME_NOTE]
+    loaded.notes.append(f"converted to torch by onnx2torch {metadata.version('onnx2torch')}; it agrees with "
+                        f"onnxruntime on {len(x)} samples (max abs diff {diff:.2g}, argmax 100%): attacked white-box "
+                        "through it")

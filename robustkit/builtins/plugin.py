@@ -1,4 +1,4 @@
-"""robustkit's built-in plugin: native attacks, the digits data set and the model formats.
+"""robustkit's built-in plugin: native attacks, exporters, the digits data set and the model formats.
 
 Registered from code under the provider name ``robustkit``, through the same hooks as any
 third-party plugin. Imports happen inside the hooks so that ``robustkit --help`` does not pay
@@ -31,6 +31,15 @@ def robustkit_register_defences(registry: ProviderRegistry[Any]) -> None:
 
     for defence in DEFENCES:
         registry.add(defence)
+
+
+@hookimpl
+def robustkit_register_exporters(registry: ProviderRegistry[Any]) -> None:
+    from robustkit.builtins.onnx_export import OnnxExporter
+    from robustkit.builtins.safetensors_export import SafetensorsExporter
+
+    registry.add(OnnxExporter)
+    registry.add(SafetensorsExporter)
 
 
 @hookimpl

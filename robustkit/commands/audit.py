@@ -31,10 +31,12 @@ from robustkit.commands.common import load_options, model_options, option_pairs
                    "per-attack: every attack on every sample (each attack's own accuracy).")
 @click.option("--check-samples", default=128, show_default=True, help="Samples for the sanity checks.")
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks (not recommended).")
+@click.option("--black-box", is_flag=True,
+              help="Attack through scores only (an ONNX model in onnxruntime, without a torch conversion).")
 def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None,
           device: str, attacks: tuple[str, ...], threat: str, eps: str | None, options: tuple[tuple[str, str], ...],
           out: Path | None, as_json: bool, limit: int | None, batch_size: int, seed: int, precision: str,
-          mode: str, check_samples: int, no_checks: bool) -> None:
+          mode: str, check_samples: int, no_checks: bool, black_box: bool) -> None:
     """Measure MODEL's clean and robust accuracy, with checks that catch gradient masking."""
     from robustkit.audit import AuditConfig, parse_eps_list, run_audit
     from robustkit.threat import Norm
@@ -43,7 +45,7 @@ def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str |
         model=model, data=data, load=load_options(arch, trust_code, mean, std, device), attacks=attacks,
         options=options, norm=Norm.parse(threat), eps=parse_eps_list(eps) if eps else (), limit=limit,
         batch_size=batch_size, seed=seed, precision=precision, mode=mode,  # type: ignore[arg-type]
-        check_samples=check_samples, run_checks=not no_checks, out=out,
+        check_samples=check_samples, run_checks=not no_checks, black_box=black_box, out=out,
     )
     report = run_audit(config)
     if as_json:

@@ -1,0 +1,293 @@
+"""What robustness costs: robustkit's training defences against plain training, in one run.
+
+On builtin:digits (linf eps 0.2, 15 epochs, builtin:digits-cnn, Adam, batch 64), trains plain
+training, fgsm-rs, pgd-at (7 steps), free and trades through the same engine and reports, for
+each, the training time per pass over the data relative to plain training (the per-epoch
+canary is timed apart) and the PGD-20 robust accuracy of the weights it returns; then bf16
+against fp32 time. With a GPU (or --resnet-images N), it also times one epoch of each defence
+on synthetic 3x32x32 data with a CIFAR ResNet-18, fp32 against bf16 + channels-last, in
+images per second.
+
+    python benchmarks/training_cost.py            # a table
+    python benchmarks/training_cost.py --json     # one JSON document
+
+Targets (issue 5): fgsm-rs <= 2.2x plain per epoch and >= 50% robust; pgd-at <= (K+1)x and
+>= 57%; a fast defence within 3 points of pgd-at's robust accuracy at under 40% of its time.
+Timings on a shared machine are noisy: run it on an idle one before trusting small ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.attacks.native import PGD
+from robustkit.data import Dataset, load_digits
+from robustkit.evaluate import NamedAttack, evaluate
+from robustkit.harden.config import RunConfig
+from robustkit.harden.defences import FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
+from robustkit.threat import ThreatModel
+from robustkit.zoo import digits_cnn
+
+DEFENCES = ("plain", "fgsm-rs", "pgd-at", "free", "trades")
+PGD_STEPS = 7
+
+
+def make_defence(name: str, epochs: int, batch_size: int, **extra: Any) -> TrainingDefence:
+    """Every defence with its defaults, the same epochs and batch size, and no early stopping
+    (each trains the full budget; the best epoch by the canary is still the one returned)."""
+    common: dict[str, Any] = {"epochs": epochs, "batch_size": batch_size, "patience": 0, **extra}
+    if name == "pgd-at":
+        return PGDAT(steps=PGD_STEPS, **common)
+    classes: dict[str, type[TrainingDefence]] = {
+        "plain": Standard,
+        "fgsm-rs": FGSMRS,
+        "free": Free,
+        "trades": TRADES,
+    }
+    return classes[name](**common)
+
+
+def train(
+    defence: TrainingDefence, model: nn.Module, data: Dataset, threat: ThreatModel, run: RunConfig
+) -> dict[str, Any]:
+    """Train; training seconds per pass over the data and canary seconds per epoch.
+
+    Medians over the epochs (an epoch of free training is ``replays`` passes), so that a burst
+    of load on a shared machine moves the figure less than a mean would.
+    """
+    started = time.perf_counter()
+    result = defence.apply(model, data, threat=threat, run=run)
+    wall = time.perf_counter() - started
+    history = result.history
+    return {
+        "model": result.model,
+        "passes": len(history) * defence.replays,
+        "train_s_per_pass": statistics.median(r["seconds"] for r in history) / defence.replays,
+        "canary_s_per_epoch": statistics.median(r["canary_seconds"] for r in history),
+        "wall_s": wall,
+        "best_epoch": [r["epoch"] for r in history if r["best"]][-1],
+        "stop": history[-1]["stop"],
+        "history": history,
+    }
+
+
+def digits_table(args: argparse.Namespace) -> dict[str, Any]:
+    data = load_digits()
+    threat = ThreatModel("linf", args.eps)
+    judge = [NamedAttack("robustkit:pgd (20 steps)", PGD(steps=20))]
+    rows: dict[str, dict[str, Any]] = {}
+    for name in args.defences:
+        torch.manual_seed(0)
+        model = digits_cnn().to(args.device)
+        measured = train(
+            make_defence(name, args.epochs, args.batch_size),
+            model,
+            data,
+            threat,
+            RunConfig(device=args.device, progress=False),
+        )
+        evaluation = evaluate(measured.pop("model"), data.x, data.y, judge, [threat], device=args.device)
+        measured.pop("history")
+        rows[name] = {
+            **measured,
+            "clean_accuracy": evaluation.clean_accuracy,
+            "pgd20_robust_accuracy": evaluation.robust_accuracy(evaluation.outcomes[0], args.eps),
+        }
+        logging.info("%s: %s", name, rows[name])
+    base = rows["plain"]["train_s_per_pass"] if "plain" in rows else float("nan")
+    for row in rows.values():
+        row["relative_time"] = row["train_s_per_pass"] / base
+    precision = {}
+    for name in args.precision_defences:
+        seconds = {}
+        for dtype in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            measured = train(
+                make_defence(name, args.precision_epochs, args.batch_size),
+                digits_cnn(),
+                data,
+                threat,
+                RunConfig(device=args.device, precision=dtype, progress=False),
+            )
+            seconds[dtype] = measured["train_s_per_pass"]
+        precision[name] = {**seconds, "bf16_over_fp32": seconds["bf16"] / seconds["fp32"]}
+    return {"rows": rows, "precision": precision, "targets": targets(rows)}
+
+
+def targets(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    needed = {"plain", "fgsm-rs", "pgd-at"}
+    if not needed <= set(rows):
+        return {}
+    fgsm, pgd = rows["fgsm-rs"], rows["pgd-at"]
+    fast = [rows[n] for n in ("fgsm-rs", "free") if n in rows]
+    return {
+        "fgsm-rs <= 2.2x plain per epoch": fgsm["relative_time"] <= 2.2,
+        "fgsm-rs >= 50% robust": fgsm["pgd20_robust_accuracy"] >= 0.50,
+        f"pgd-at <= {PGD_STEPS + 1}x plain per epoch": pgd["relative_time"] <= PGD_STEPS + 1,
+        "pgd-at >= 57% robust": pgd["pgd20_robust_accuracy"] >= 0.57,
+        "a fast defence within 3 points of pgd-at at < 40% of its time": any(
+            pgd["pgd20_robust_accuracy"] - r["pgd20_robust_accuracy"] <= 0.03
+            and r["relative_time"] < 0.4 * pgd["relative_time"]
+            for r in fast
+        ),
+    }
+
+
+# -- ResNet-18 on synthetic CIFAR-shaped data ------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.skip: nn.Module = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.skip(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    """The CIFAR ResNet-18 of /work/shared/bench/reference_training.py (3x3 stem, no max-pool)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Images/s of the second of two epochs (the first pays kernel selection)."""
+    generator = torch.Generator().manual_seed(0)
+    n = args.resnet_images
+    data = Dataset(
+        "synthetic",
+        torch.rand(64, 3, 32, 32, generator=generator),
+        torch.randint(0, 10, (64,), generator=generator),
+        10,
+        torch.rand(n, 3, 32, 32, generator=generator),
+        torch.randint(0, 10, (n,), generator=generator),
+    )
+    threat = ThreatModel("linf", 8 / 255)
+    rows = []
+    for name in args.defences:
+        for variant, precision, channels_last in (
+            ("fp32", "fp32", False),
+            ("bf16+channels_last", "bf16", True),
+        ):
+            torch.manual_seed(0)
+            defence = make_defence(
+                name,
+                2,
+                args.resnet_batch,
+                val_fraction=0.02,
+                canary_steps=1,
+                canary_size=64,
+                **({"replays": 1} if name == "free" else {}),
+            )
+            run = RunConfig(device=args.device, precision=precision, channels_last=channels_last, progress=False)
+            history = train(defence, resnet18(), data, threat, run)["history"]
+            trained = len(data.y_train) - round(0.02 * len(data.y_train))
+            rows.append(
+                {
+                    "defence": name,
+                    "variant": variant,
+                    "images_per_s": round(trained * defence.replays / history[-1]["seconds"], 1),
+                }
+            )
+            logging.info("%s", rows[-1])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--eps", type=float, default=0.2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--defences", default=",".join(DEFENCES), type=lambda s: s.split(","))
+    parser.add_argument(
+        "--precision-defences",
+        default="plain,fgsm-rs",
+        type=lambda s: [x for x in s.split(",") if x],
+        help="defences timed in bf16 against fp32 (empty to skip)",
+    )
+    parser.add_argument("--precision-epochs", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--resnet-images",
+        type=int,
+        default=50_000 if torch.cuda.is_available() else 0,
+        help="synthetic 3x32x32 images per ResNet-18 epoch (0 skips; default 50,000 on a GPU)",
+    )
+    parser.add_argument("--resnet-batch", type=int, default=512)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO if not args.json else logging.WARNING,
+        stream=sys.stderr,
+        format="%(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    report: dict[str, Any] = {
+        "device": device_name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "epochs": args.epochs,
+        "eps": args.eps,
+        "batch_size": args.batch_size,
+        **digits_table(args),
+    }
+    if args.resnet_images:
+        report["resnet18"] = resnet_table(args)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    print_report(report)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(
+        f"builtin:digits, linf eps {report['eps']}, {report['epochs']} epochs, "
+        f"batch {report['batch_size']}, {report['device']} ({report['threads']} threads)"
+    )
+    header = ("defence", "s/pass", "x plain", "canary s", "clean", "PGD-20", "best ep")
+    print("{:10s} {:>8s} {:>8s} {:>9s} {:>7s} {:>7s} {:>7s}  stop".format(*header))
+    for name, r in report["rows"].items():
+        cells = (
+            name,
+            r["train_s_per_pass"],
+            r["relative_time"],
+            r["canary_s_per_epoch"],
+            r["clean_accuracy"],
+            r["pgd20_robust_accuracy"],
+            r["best_epoch"],
+            r["stop"] or "",
+        )
+        print("{:10s} {:8.2f} {:8.2f} {:9.2f} {:7.1%} {:7.1%} {:7d}  {}".format(*cells))
+    for name, p in report["precision"].items():
+        print(
+            f"{name}: bf16 {p['bf16']:.2f} s/pass, fp32 {p['fp32']:.2f} s/pass (bf16/fp32 = {p['bf16_over_fp32']:.2f})"
+        )
+    for target, met in report["targets"].items():
+        print(f"[{'met' if met else 'MISSED'}] {target}")
+    for row in report.get("resnet18", []):
+        print(f"resnet18 {row['defence']:8s} {row['variant']:20s} {row['images_per_s']:10.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The built-in ``onnx`` exporter.
+
+The graph takes the same inputs the audit attacked (in the bounds, normalisation inside the
+model), has a dynamic batch axis and the opset asked for. torch's dynamo exporter goes first;
+when it fails or cannot produce that opset, the TorchScript-based exporter takes over, and the
+result says which one wrote the file and why. The TorchScript tracer's warnings (Python-side
+computation it could not record) and random operators in the graph become export warnings.
+
+Imported only when an ONNX export runs, so ``onnx`` stays off the start-up path.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.errors import RobustkitError
+from robustkit.exporters import METADATA_KEY, Exporter, ExportResult
+from robustkit.modules import Model
+from robustkit.params import param
+
+log = logging.getLogger(__name__)
+
+INPUT, OUTPUT = "input", "logits"
+#: Operators whose outputs change from run to run: a deployed model should not hold them.
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+#: Above this a model cannot be one protobuf; its weights go to ``NAME.onnx.data`` beside it.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+#: Loggers of the exporters, which report recoverable trouble at warning level on stderr.
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
+
+
+@dataclass(frozen=True)
+class OnnxParams:
+    opset: int = param(17, "ONNX opset of the default domain")
+    dynamo: bool = param(True, "try torch's dynamo exporter first (the TorchScript exporter is the fallback)")
+
+    def __post_init__(self) -> None:
+        if not 13 <= self.opset <= 23:
+            raise ValueError("opset must be between 13 and 23")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the exporters' progress and recoverable warnings off the user's terminal."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _opset(proto: Any) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _dynamo(model: nn.Module, example: Tensor, opset: int) -> Any:
+    # torch.export prints the failing graph to stderr; keep it for -v rather than the terminal.
+    printed = io.StringIO()
+    try:
+        with _quiet(), redirect_stdout(printed), redirect_stderr(printed):
+            program = torch.onnx.export(
+                model, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT],
+                output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            )
+    finally:
+        if printed.getvalue().strip():
+            log.debug("dynamo exporter output:\n%s", printed.getvalue())
+    assert program is not None
+    proto = program.model_proto
+    if _opset(proto) != opset:
+        raise RobustkitError(f"it produced opset {_opset(proto)}, not the requested {opset}")
+    return proto
+
+
+def _torchscript(model: nn.Module, example: Tensor, opset: int, path: Path) -> tuple[Any, list[str]]:
+    """The TorchScript-based exporter, and the tracer's warnings about what it could not record."""
+    import onnx
+
+    with _quiet(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
+            output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        )
+    tracer = sorted({str(w.message).strip().splitlines()[0] for w in caught
+                     if issubclass(w.category, torch.jit.TracerWarning)})
+    return onnx.load(str(path)), tracer
+
+
+class OnnxExporter(Exporter):
+    """ONNX graph for onnxruntime and other runtimes, verified against torch."""
+
+    name = "onnx"
+    suffix = ".onnx"
+    Params = OnnxParams
+    summary = "ONNX graph with the normalisation inside and a dynamic batch axis, verified with onnxruntime"
+
+    def export(self, model: nn.Module, example: Tensor, path: Path, *, metadata: dict[str, Any]) -> ExportResult:
+        import onnx
+
+        p: OnnxParams = self.params
+        details: dict[str, Any] = {}
+        found: list[str] = []
+        proto = None
+        if p.dynamo:
+            try:
+                proto = _dynamo(model, example, p.opset)
+                details["exporter"] = "dynamo"
+            except Exception as err:  # any failure hands over to the fallback
+                details["dynamo_failed"] = str(err) if isinstance(err, RobustkitError) else _one_line(err)
+        if proto is None:
+            try:
+                proto, tracer = _torchscript(model, example, p.opset, path)
+            except Exception as err:
+                tried = f"dynamo: {details['dynamo_failed']}; " if p.dynamo else ""
+                raise RobustkitError(f"the model cannot be exported to ONNX ({tried}torchscript: {_one_line(err)})"
+                                     ) from None
+            details["exporter"] = "torchscript"
+            found += [f"the TorchScript tracer could not record everything, so the graph may differ from the "
+                      f"model on other inputs: {message}" for message in tracer]
+        details["opset"] = _opset(proto)
+        random_ops = sorted({node.op_type for node in proto.graph.node} & RANDOM_OPS)
+        if random_ops:
+            found.append(f"the graph holds random operators ({', '.join(random_ops)}): its outputs change "
+                         "from run to run")
+        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata, default=str)})
+        external = proto.ByteSize() > EXTERNAL_DATA_BYTES
+        data_file = path.with_name(f"{path.name}.data")
+        onnx.save_model(proto, str(path), save_as_external_data=external, location=data_file.name)
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as err:  # the checker raises several types
+            raise RobustkitError(f"the exported graph fails onnx.checker ({_one_line(err)})") from None
+        files = [path, data_file] if external else [path]
+        return ExportResult(path, "onnx", files, details=details, warnings=found)
+
+    def load(self, path: Path, model: nn.Module) -> Model:
+        from robustkit.builtins.onnx_loader import OnnxPredictor
+
+        return OnnxPredictor(path)

@@ -1,0 +1,329 @@
+"""``robustkit harden`` as a function: resolve and validate everything, audit the model before,
+train, audit after, and write the output folder.
+
+The folder holds ``model.safetensors`` (the best weights by robust validation accuracy),
+``config.json`` (the resolved settings: pass it back with ``--config`` to repeat the run),
+``train_log.jsonl`` (one record per epoch), ``curves.png``, ``summary.json`` (before/after
+robustness under PGD at the training eps) and ``checkpoint.pt`` (what ``--resume`` continues).
+Under torchrun every rank trains and evaluates its share; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkit import __version__
+from robustkit.data import Dataset, load_dataset
+from robustkit.defences import Defence, DefenceResult
+from robustkit.distributed import DistContext, init_distributed
+from robustkit.errors import RobustkitError
+from robustkit.evaluate import NamedAttack, evaluate
+from robustkit.harden import checkpoint
+from robustkit.harden.config import RunConfig
+from robustkit.harden.defences import TrainingDefence
+from robustkit.harden.engine import LOG_FILENAME, resolve_device
+from robustkit.loading import LoadOptions, check_model_output, load_model
+from robustkit.modules import Normalized
+from robustkit.params import coerce
+from robustkit.report import atomic_write
+from robustkit.threat import Norm, ThreatModel, parse_number
+
+log = logging.getLogger(__name__)
+
+#: The usual radius of each norm for [0, 1] images, used when --eps is not given.
+DEFAULT_EPS = {Norm.LINF: 8 / 255, Norm.L2: 0.5}
+#: The attack of the before/after summary (default settings, at the training eps).
+SUMMARY_ATTACK = "robustkit:pgd"
+
+
+@dataclass(frozen=True)
+class HardenRequest:
+    """Everything ``robustkit harden`` was asked for, before validation."""
+
+    model: str
+    data: str
+    defence: str
+    arch: str | None = None
+    trust_code: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    threat: str = "linf"  #: a norm (eps from ``eps``) or NORM:EPS
+    eps: str | float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  #: the defence's parameters
+    attack: str | None = None  #: inner maximiser of defences that take one (pgd-at)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def params_dict(defence: Defence) -> dict[str, Any]:
+    params = defence.params
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        return dataclasses.asdict(params)
+    return {}
+
+
+def resolve_threat(text: str, eps: str | float | None, bounds: tuple[float, float]) -> ThreatModel:
+    if ":" in text:
+        if eps is not None:
+            raise RobustkitError(
+                f"--threat {text} already gives eps; drop --eps or write --threat {text.split(':')[0]}"
+            )
+        return ThreatModel.parse(text, bounds=bounds)
+    norm = Norm.parse(text)
+    if norm not in DEFAULT_EPS:
+        raise RobustkitError(f"harden trains against linf or l2 threat models, not {norm.value}")
+    return ThreatModel(norm, DEFAULT_EPS[norm] if eps is None else parse_number(eps), bounds)
+
+
+def resolve_defence(request: HardenRequest) -> tuple[str, Defence]:
+    """The registered training defence with its parameters; one-line errors for the rest."""
+    from robustkit.host import get_host
+
+    entry = get_host().defences.resolve(request.defence)
+    cls = entry.obj
+    if getattr(cls, "kind", None) != "training":
+        raise RobustkitError(
+            f"defence {entry.qualified_name!r} is a {getattr(cls, 'kind', '?')} defence; harden "
+            "trains models: pick a training defence (see `robustkit defences list`)"
+        )
+    options = dict(request.options)
+    if request.attack is not None:
+        if "attack" not in {f.name for f in dataclasses.fields(cls.Params)}:
+            raise RobustkitError(
+                f"defence {entry.qualified_name!r} crafts its own examples; --attack applies to "
+                "defences with an inner attack, such as pgd-at"
+            )
+        options["attack"] = request.attack
+    return entry.qualified_name, cls(coerce(cls.Params, options, owner=entry.qualified_name))
+
+
+def audit(
+    model: nn.Module, data: Dataset, threat: ThreatModel, world: DistContext, device: torch.device
+) -> dict[str, float]:
+    """Clean and PGD robust accuracy on the evaluation split (the before/after summary)."""
+    from robustkit.host import get_host
+
+    entry = get_host().attacks.resolve(SUMMARY_ATTACK)
+    result = evaluate(
+        model,
+        data.x,
+        data.y,
+        [NamedAttack(entry.qualified_name, entry.obj())],
+        [threat],
+        device=device,
+        dist_ctx=world,
+    )
+    return {
+        "clean_accuracy": result.clean_accuracy,
+        "robust_accuracy": result.robust_accuracy(result.outcomes[0], threat.eps),
+    }
+
+
+def _weights(model: nn.Module, request: HardenRequest) -> dict[str, torch.Tensor]:
+    """What ``--arch`` rebuilds: the inner network when ``--mean/--std`` added the wrapper."""
+    net = model.net if isinstance(model, Normalized) and request.mean is not None else model
+    assert isinstance(net, nn.Module)
+    return {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+def plot_curves(history: list[dict[str, Any]], title: str) -> bytes:
+    """Loss, and clean/robust validation accuracy per epoch, with the best epoch and any
+    catastrophic overfitting marked; a PNG drawn with the Agg backend (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9.0, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    loss_ax.plot(epochs, [r["loss"] for r in history], marker="o", linewidth=1.2)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, label in (
+        ("val_clean", "clean (validation)"),
+        ("val_robust", "robust (validation canary)"),
+        ("train_adv_accuracy", "training examples"),
+    ):
+        acc_ax.plot(epochs, [100 * r[key] for r in history], marker="o", linewidth=1.2, label=label)
+    for record in history:
+        if record.get("overfit"):
+            acc_ax.axvline(record["epoch"], color="red", linestyle=":", linewidth=1.2)
+    best = [r["epoch"] for r in history if r.get("best")]
+    if best:
+        acc_ax.axvline(best[-1], color="black", linestyle="--", linewidth=1.0, label=f"best (epoch {best[-1]})")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title="accuracy")
+    acc_ax.legend(fontsize=7)
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def resolved_config(
+    request: HardenRequest,
+    defence_name: str,
+    defence: Defence,
+    threat: ThreatModel,
+    world: DistContext,
+) -> dict[str, Any]:
+    """The settings as run; its keys are the ones ``--config`` reads ("environment" is ignored)."""
+    run = request.run
+    return {
+        "model": request.model,
+        "data": request.data,
+        "defence": defence_name,
+        "arch": request.arch,
+        "mean": list(request.mean) if request.mean else None,
+        "std": list(request.std) if request.std else None,
+        "threat": threat.norm.value,
+        "eps": threat.eps,
+        "params": params_dict(defence),
+        "precision": run.precision,
+        "device": run.device,
+        "channels_last": run.channels_last,
+        "compile": run.compile,
+        "placement": run.placement,
+        "workers": run.workers,
+        "out": str(run.out_dir) if run.out_dir else None,
+        "environment": {
+            "robustkit": __version__,
+            "torch": torch.__version__,
+            "world_size": world.world_size,
+            "trust_code": request.trust_code,
+        },
+    }
+
+
+def harden(request: HardenRequest) -> dict[str, Any]:
+    """Run ``robustkit harden``; returns the summary document (also written as summary.json)."""
+    started = time.perf_counter()
+    run = request.run
+    if run.out_dir is None:
+        raise RobustkitError("harden needs an output folder (--out DIR)")
+    out = Path(run.out_dir)
+    if not run.resume and (out / checkpoint.FILENAME).exists():
+        raise RobustkitError(
+            f"{out} holds the checkpoint of an earlier run; pass --resume to continue it, or choose another --out"
+        )
+    defence_name, defence = resolve_defence(request)
+    data = load_dataset(request.data)
+    if data.x_train is None or data.y_train is None:
+        raise RobustkitError(
+            f"data {request.data!r} has no training split; give an .npz with x_train and y_train "
+            "(and x, y for the evaluation)"
+        )
+    threat = resolve_threat(request.threat, request.eps, data.bounds)
+    if isinstance(defence, TrainingDefence):
+        defence.check(threat)
+    world = init_distributed(run.device)
+    device = resolve_device(run.device, world)
+    torch.manual_seed(getattr(defence.params, "seed", 0))  # fresh built-in weights are seeded
+    loaded = load_model(
+        request.model,
+        LoadOptions(request.arch, request.trust_code, request.mean, request.std, str(device)),
+    )
+    model = loaded.model
+    if not isinstance(model, nn.Module):
+        raise RobustkitError(
+            f"{request.model} loads as a {loaded.format} predict function without trainable "
+            "weights; harden the PyTorch weights instead (a state dict or safetensors with --arch)"
+        )
+    for warning in check_model_output(model, data.x, data.num_classes).warnings:
+        log.warning("%s", warning)
+    config = json.dumps(resolved_config(request, defence_name, defence, threat, world), indent=2) + "\n"
+    if world.is_main and not run.resume:  # a resumed run keeps the original until it succeeds
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", config)
+
+    before = audit(model, data, threat, world, device)
+    if isinstance(defence, TrainingDefence):
+        result = defence.apply(model, data, threat=threat, run=run)
+    else:  # a third-party training defence: checkpoints and canary are its own business
+        result = defence.apply(model, data, threat=threat)
+    after = audit(result.model, data, threat, world, device)
+    summary = _summary(request, defence_name, defence, threat, data, result, before, after, world)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    if world.is_main:
+        atomic_write(out / "config.json", config)
+        _write_outputs(out, request, result, summary, defence_name, threat)
+    return summary
+
+
+def _summary(
+    request: HardenRequest,
+    defence_name: str,
+    defence: Defence,
+    threat: ThreatModel,
+    data: Dataset,
+    result: DefenceResult,
+    before: dict[str, float],
+    after: dict[str, float],
+    world: DistContext,
+) -> dict[str, Any]:
+    history = result.history
+    best = [r["epoch"] for r in history if r.get("best")]
+    out = Path(request.run.out_dir or ".")
+    return {
+        "model": request.model,
+        "data": data.describe(),
+        "defence": defence_name,
+        "params": params_dict(defence),
+        "threat": str(threat),
+        "summary_attack": f"{SUMMARY_ATTACK} (default settings)",
+        "before": before,
+        "after": after,
+        "epochs_run": len(history),
+        "best_epoch": best[-1] if best else None,
+        "stop_reason": history[-1].get("stop") if history else None,
+        "overfit_epochs": [r["epoch"] for r in history if r.get("overfit")],
+        "notes": result.notes,
+        "precision": request.run.precision,
+        "world_size": world.world_size,
+        "outputs": {name: str(out / file) for name, file in _output_files(defence, history)},
+    }
+
+
+def _output_files(defence: Defence, history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The files a run leaves: the engine's log and checkpoint only for engine defences."""
+    files = [("model", "model.safetensors"), ("config", "config.json"), ("summary", "summary.json")]
+    if isinstance(defence, TrainingDefence):
+        files += [("log", LOG_FILENAME), ("checkpoint", checkpoint.FILENAME)]
+    if history:
+        files.append(("plot", "curves.png"))
+    return files
+
+
+def _write_outputs(
+    out: Path,
+    request: HardenRequest,
+    result: DefenceResult,
+    summary: dict[str, Any],
+    defence_name: str,
+    threat: ThreatModel,
+) -> None:
+    from safetensors.torch import save
+
+    atomic_write(
+        out / "model.safetensors",
+        save(_weights(result.model, request), metadata={"robustkit": json.dumps(summary["after"])}),
+    )
+    if result.history:
+        atomic_write(
+            out / "curves.png",
+            plot_curves(result.history, f"{defence_name} on {request.data}, {threat}"),
+        )
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")

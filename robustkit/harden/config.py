@@ -1,0 +1,77 @@
+"""What a hardening run is made of: the training recipe (a defence's ``Params``) and the run
+settings (device, precision, output folder) that change how fast it goes but not what it learns.
+
+The split matters for ``--resume``: a checkpoint may be continued on another device or with
+more workers, but not with another recipe, because the result would no longer be the run that
+was started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from robustkit.params import param
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Placement = Literal["auto", "device", "loader"]
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """Settings every training defence shares; each defence adds its own below these."""
+
+    epochs: int = param(15, "passes over the training split")
+    batch_size: int = param(64, "samples per optimizer step, summed over processes under torchrun")
+    lr: float = param(
+        3e-3,
+        "learning rate (the peak of the cyclic and cosine schedules); lower it, or use "
+        "sgd, to fine-tune a large pretrained model",
+    )
+    optimizer: Literal["adam", "sgd"] = param("adam", "adam, or sgd with momentum 0.9 (nesterov)")
+    weight_decay: float = param(0.0, "L2 penalty of the optimizer")
+    schedule: Literal["constant", "cyclic", "cosine"] = param(
+        "constant", "learning rate over the run: constant, cyclic (0 -> lr -> 0) or cosine decay"
+    )
+    val_fraction: float = param(0.1, "share of the training split held out for the per-epoch canary")
+    canary_steps: int = param(5, "PGD steps of the per-epoch robust-accuracy canary")
+    canary_size: int = param(512, "validation samples the canary attacks, at most")
+    patience: int = param(
+        5,
+        "stop after this many epochs without a better robust validation accuracy (0: never stop early)",
+    )
+    overfit_drop: float = param(
+        0.2,
+        "a fall of robust validation accuracy this large below the best, "
+        "with clean accuracy holding, is catastrophic overfitting",
+    )
+    stop_on_overfit: bool = param(True, "stop at catastrophic overfitting (the best weights are kept)")
+    seed: int = param(0, "seed of the validation split, shuffling, random starts and fresh weights")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must lie strictly between 0 and 1")
+        if self.canary_steps < 1 or self.canary_size < 1 or self.patience < 0:
+            raise ValueError("canary_steps and canary_size must be >= 1, patience >= 0")
+        if not 0 < self.overfit_drop <= 1:
+            raise ValueError("overfit_drop must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run executes; none of it changes what the model learns (up to float rounding)."""
+
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False  #: ``torch.compile`` the model (first epoch pays the compilation)
+    placement: Placement = "auto"  #: data on the device when it fits, else a pinned DataLoader
+    workers: int = 2  #: DataLoader worker processes when the data stays on the host
+    out_dir: Path | None = None  #: checkpoint and log folder; None keeps everything in memory
+    resume: bool = False
+    progress: bool = True

@@ -1,0 +1,246 @@
+"""The attack contract over every registered attack, and what the native attacks must achieve.
+
+The contract test builds a host with entry points, so every installed plugin's attacks (ART,
+torchattacks, third parties) are held to the same checks as the native ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from robustkit.attacks.base import Attack, AttackResult
+from robustkit.attacks.native import FGSM, PGD
+from robustkit.data import load_digits
+from robustkit.errors import DataError, RobustkitError
+from robustkit.host import Host
+from robustkit.modules import predict_logits
+from robustkit.registry import Entry
+from robustkit.testing import (
+    check_attack_contract,
+    contract_batch,
+    contract_model,
+    fast_params,
+    trained_digits_model,
+)
+from robustkit.threat import Norm, ThreatModel
+
+#: Every attack a real installation offers, plugins included.
+ALL_ATTACKS: list[Entry[Any]] = Host().attacks.list()
+
+
+@pytest.mark.parametrize("entry", ALL_ATTACKS, ids=[e.qualified_name for e in ALL_ATTACKS])
+def test_attack_contract(entry: Entry[Any]) -> None:
+    check_attack_contract(entry.obj(**fast_params(entry.obj)))
+
+
+def test_contract_covers_the_native_attacks() -> None:
+    assert {"robustkit:fgsm", "robustkit:pgd"} <= {e.qualified_name for e in ALL_ATTACKS}
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        PGD(steps=3, precision="bf16"),
+        PGD(steps=3, precision="fp16"),
+        PGD(steps=3, loss="margin", restarts=2),
+        PGD(steps=3, random_start=False, early_stop=False),
+        FGSM(loss="margin", precision="bf16"),
+    ],
+    ids=repr,
+)
+def test_native_settings_keep_the_contract(attack: Attack) -> None:
+    check_attack_contract(attack)
+
+
+def test_contract_catches_an_attack_that_breaks_it() -> None:
+    class TrainsBatchNorm(FGSM):
+        name = "trains-batchnorm"
+
+        def run(self, model: Any, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+            model.train()  # a forward pass in train mode updates BatchNorm's running statistics
+            return super().run(model, x, labels, threat)
+
+    class Drifting(FGSM):
+        name = "drifting"
+        calls = 0
+
+        def run(self, model: Any, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+            type(self).calls += 1  # state outside the seed: a different answer on every call
+            return x + threat.eps * (-1) ** self.calls
+
+    class Careless(FGSM):
+        name = "careless"
+        norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})  # claims l1 but ...
+
+        def run(self, model: Any, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+            return x + threat.eps * torch.ones_like(
+                x
+            )  # ... leaves the l1 ball (projection fixes it)
+
+    with pytest.raises(AssertionError, match=r"model state '1\.running_mean' changed"):
+        check_attack_contract(TrainsBatchNorm())
+    with pytest.raises(AssertionError, match="not deterministic"):
+        check_attack_contract(Drifting())
+    check_attack_contract(
+        Careless()
+    )  # __call__ projects, so even a careless run() stays in the ball
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Tensor, Tensor]:
+    """160 real test digits: enough for stable accuracies, quick to attack."""
+    data = load_digits()
+    return data.x[:160], data.y[:160]
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    return trained_digits_model("cnn")
+
+
+def test_eps_zero_changes_nothing(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    for norm in (Norm.LINF, Norm.L2):
+        result = PGD(steps=3)(cnn, x, y, threat=ThreatModel(norm, 0.0))
+        assert torch.equal(result.x_adv, x)
+        assert torch.equal(result.success, predict_logits(cnn, x).argmax(1) != y)
+
+
+def _robust(
+    attack: Attack, model: nn.Module, x: Tensor, y: Tensor, threat: str, **kw: Any
+) -> AttackResult:
+    result = attack(model, x, y, threat=ThreatModel.parse(threat, **kw))
+    assert not result.success.dtype.is_floating_point
+    return result
+
+
+def test_pgd_at_least_as_strong_as_fgsm(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    clean = float((predict_logits(cnn, x).argmax(1) == y).float().mean())
+    assert clean > 0.9
+    for threat in ("linf:0.1", "l2:1.0"):
+        fgsm = _robust(FGSM(), cnn, x, y, threat).robust_accuracy
+        pgd = _robust(PGD(), cnn, x, y, threat).robust_accuracy
+        assert pgd <= fgsm < clean, threat
+    assert _robust(PGD(), cnn, x, y, "linf:0.2").robust_accuracy < 0.2
+
+
+def test_l2_pgd_stays_in_ball_and_breaks_the_model(
+    cnn: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits
+    threat = ThreatModel.parse("l2:1.5")
+    result = PGD(steps=10)(cnn, x, y, threat=threat)
+    assert not threat.violations(x, result.x_adv).any()
+    assert result.robust_accuracy < 0.3
+    radius = (result.x_adv - x).flatten(1).norm(dim=1)
+    assert float(radius.max()) <= 1.5 + 1e-4 and float(radius.mean()) > 0.5  # it uses the ball
+
+
+def test_targeted_pgd_hits_the_targets(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    targets = (y + 3) % 10
+    result = PGD(steps=20)(
+        cnn, x, y, threat=ThreatModel.parse("linf:0.3", targeted=True), targets=targets
+    )
+    predicted = result.logits.argmax(1)
+    assert torch.equal(result.success, predicted == targets)
+    assert float(result.success.float().mean()) > 0.9
+    # without explicit targets the most likely wrong class is the target, never the label
+    default = PGD(steps=20)(cnn, x, y, threat=ThreatModel.parse("linf:0.3", targeted=True))
+    assert float(default.success.float().mean()) > 0.9
+    assert not bool((default.logits.argmax(1)[default.success] == y[default.success]).any())
+
+
+def test_bf16_close_to_fp32(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    for threat in ("linf:0.1", "l2:1.0"):
+        fp32 = _robust(PGD(), cnn, x, y, threat).robust_accuracy
+        bf16 = _robust(PGD(precision="bf16"), cnn, x, y, threat).robust_accuracy
+        assert abs(bf16 - fp32) <= 0.05, (threat, fp32, bf16)
+
+
+class CountingModel(nn.Module):
+    """Records the batch size of every gradient-enabled forward pass (the attack's own work)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.batches: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            self.batches.append(len(x))
+        return self.net(x)
+
+
+def test_restarts_attack_only_survivors(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    threat = ThreatModel.parse("linf:0.08")
+    once = PGD(steps=4, early_stop=False)(cnn, x, y, threat=threat)
+    survivors = int((~once.success).sum())
+    assert 0 < survivors < len(x)
+    counting = CountingModel(cnn)
+    twice = PGD(steps=4, restarts=2, early_stop=False)(counting, x, y, threat=threat)
+    assert counting.batches == [len(x)] * 4 + [survivors] * 4
+    assert twice.robust_accuracy <= once.robust_accuracy
+    # what the first restart broke is kept as it was
+    assert torch.equal(twice.x_adv[once.success], once.x_adv[once.success])
+
+
+def test_early_stop_drops_broken_samples(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    counting = CountingModel(cnn)
+    result = PGD(steps=5)(counting, x, y, threat=ThreatModel.parse("linf:0.2"))
+    assert counting.batches[0] == len(x)
+    assert counting.batches == sorted(counting.batches, reverse=True) and counting.batches[
+        -1
+    ] < len(x)
+    assert result.robust_accuracy < 0.3
+
+
+def test_unsupported_norm_and_targeted_mode_are_refused() -> None:
+    model = contract_model()
+    x, y = contract_batch(4)
+    with pytest.raises(RobustkitError, match="does not support the l1 norm; it supports: l2, linf"):
+        PGD()(model, x, y, threat=ThreatModel.parse("l1:1"))
+
+    class Untargeted(FGSM):
+        name = "untargeted"
+        supports_targeted = False
+
+    with pytest.raises(RobustkitError, match="no targeted mode"):
+        Untargeted()(model, x, y, threat=ThreatModel.parse("linf:0.1", targeted=True))
+
+
+def test_bad_batches_are_data_errors() -> None:
+    model = contract_model()
+    x, y = contract_batch(4)
+    threat = ThreatModel.parse("linf:0.1")
+    with pytest.raises(DataError, match="outside the bounds"):
+        FGSM()(model, x * 255, y, threat=threat)
+    with pytest.raises(DataError, match="labels must have shape"):
+        FGSM()(model, x, y[:3], threat=threat)
+    with pytest.raises(DataError, match="floating point"):
+        FGSM()(model, (x * 255).to(torch.uint8), y, threat=threat)
+
+
+def test_int32_labels_are_accepted() -> None:
+    model = contract_model().eval()
+    x, y = contract_batch(8)
+    threat = ThreatModel.parse("linf:0.1")
+    as_int64 = PGD(steps=2)(model, x, y, threat=threat)
+    as_int32 = PGD(steps=2)(model, x, y.to(torch.int32), threat=threat)
+    assert torch.equal(as_int32.x_adv, as_int64.x_adv)
+    assert torch.equal(as_int32.success, as_int64.success)
+
+
+def test_attack_keeps_device_of_inputs_and_params_rejects_mixed_construction() -> None:
+    with pytest.raises(TypeError, match="not both"):
+        PGD(PGD.Params(), steps=3)
+    assert PGD(steps=3).params.steps == 3
+    assert repr(FGSM()) == "FGSM(FGSMParams(loss='ce', precision='fp32'))"

@@ -1,0 +1,262 @@
+"""One test per hook, named ``test_hook_<hook name>``, checking what docs/plugin-hooks.md says
+about it: what it receives, what it returns, when it is called and what happens when it fails.
+``tests/test_docs.py`` fails when a hook has no such test.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import Tensor, nn
+
+from robustkit import Dataset, Defence, DefenceResult, Exporter, ExportResult, LoadedModel, ReportSection
+from robustkit.attacks.base import Attack
+from robustkit.audit import AuditConfig, run_audit
+from robustkit.cli import cli
+from robustkit.data import load_dataset
+from robustkit.errors import DataError, RobustkitError
+from robustkit.hookspecs import hookimpl
+from robustkit.host import Host, PluginRecord
+from robustkit.loading import LoadOptions, load_model
+from robustkit.modules import Model
+from robustkit.params import param
+from robustkit.threat import Norm, ThreatModel
+
+Register = Callable[..., PluginRecord]
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(cli, list(args))
+
+
+class Shift(Attack):
+    """Adds eps to every input (a fake attack)."""
+
+    name = "shift"
+    norms = frozenset({Norm.LINF})
+
+    def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+        return x + threat.eps
+
+
+def test_hook_robustkit_register_attacks(host: Host, register_plugin: Register) -> None:
+    class Plugin:
+        @hookimpl
+        def robustkit_register_attacks(self, registry: Any) -> None:
+            assert (registry.provider, registry.plugin) == ("mine", "my-plugin")
+            registry.add(Shift)  # name and summary from the class
+            registry.add(Shift, name="shift-again", aliases=("sa",), summary="the same, twice")
+
+    class Clashing:
+        @hookimpl
+        def robustkit_register_attacks(self, registry: Any) -> None:
+            registry.add(Shift, name="fine")
+            registry.add(Shift)  # "clash:shift" is fine, but this provider adds it twice
+            registry.add(Shift)
+
+    assert register_plugin(Plugin(), "my-plugin", provider="mine").ok
+    register_plugin(Clashing(), "clash")
+    entry = host.attacks.resolve("mine:shift")
+    assert (entry.obj, entry.plugin, entry.summary) == (Shift, "my-plugin", "Adds eps to every input (a fake attack).")
+    assert host.attacks.resolve("sa").name == "shift-again"
+    assert host.attacks.resolve("pgd").provider == "robustkit"  # a bare name prefers the built-in
+    record = host.records["clash"]
+    assert record.status.startswith("failed: DuplicateNameError: attack 'clash:shift' is registered twice")
+    assert not host.attacks.list("clash:*")  # what a failed plugin registered is removed
+
+
+@dataclass(frozen=True)
+class ScaleParams:
+    factor: float = param(0.5, "multiplies the inputs")
+
+
+class Scale(Defence):
+    """Scales the inputs down before the model (a fake transform defence)."""
+
+    name = "scale"
+    kind = "transform"
+    Params = ScaleParams
+
+    def apply(self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel) -> DefenceResult:
+        factor = self.params.factor
+
+        class Scaled(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, x: Tensor) -> Tensor:
+                return self.model(x * factor)
+
+        return DefenceResult(Scaled())
+
+
+def test_hook_robustkit_register_defences(host: Host, register_plugin: Register) -> None:
+    class Plugin:
+        @hookimpl
+        def robustkit_register_defences(self, registry: Any) -> None:
+            registry.add(Scale)
+
+    register_plugin(Plugin(), "scaler")
+    cls = host.defences.resolve("scaler:scale").obj
+    linear = nn.Linear(4, 2)
+    defended = cls(factor=0.25)
+    x = torch.ones(3, 4)
+    assert torch.allclose(defended.apply(linear, None, threat=ThreatModel.parse("linf:0.1")).model(x), linear(x / 4))
+    listed = {d["name"]: d for d in json.loads(invoke("defences", "list", "--json").stdout)}
+    assert listed["scaler:scale"]["kind"] == "transform"
+    shown = json.loads(invoke("defences", "show", "scaler:scale", "--json").stdout)
+    assert [p["name"] for p in shown["params"]] == ["factor"]
+
+
+class Nothing(Exporter):
+    """Writes an empty file (a fake exporter)."""
+
+    name = "nothing"
+    suffix = ".nothing"
+
+    def export(self, model: nn.Module, example: Tensor, path: Path, *, metadata: dict[str, Any]) -> ExportResult:
+        path.write_bytes(b"")
+        return ExportResult(path, self.name, [path])
+
+    def load(self, path: Path, model: nn.Module) -> Model:
+        return model
+
+
+def test_hook_robustkit_register_exporters(host: Host, register_plugin: Register) -> None:
+    class Plugin:
+        @hookimpl
+        def robustkit_register_exporters(self, registry: Any) -> None:
+            registry.add(Nothing, aliases=("void",))
+
+    class Broken:
+        @hookimpl
+        def robustkit_register_exporters(self, registry: Any) -> None:
+            registry.add(Nothing, name="Not A Name")
+
+    register_plugin(Plugin(), "nil")
+    register_plugin(Broken(), "broken")
+    assert host.exporters.resolve("void").obj is Nothing
+    listed = {e["name"]: e for e in json.loads(invoke("exporters", "list", "--json").stdout)}
+    assert listed["nil:nothing"]["suffix"] == ".nothing"
+    assert host.records["broken"].status.startswith("failed: RobustkitError: exporter name 'Not A Name'")
+    assert "robustkit:onnx" in listed  # the built-ins are untouched
+
+
+def test_hook_robustkit_register_datasets(host: Host, register_plugin: Register) -> None:
+    calls = []
+
+    def tiny() -> Dataset:
+        calls.append("tiny")
+        return Dataset("tiny", torch.rand(6, 1, 4, 4), torch.arange(6) % 3, num_classes=3)
+
+    def out_of_bounds() -> Dataset:
+        return Dataset("loud", torch.full((2, 1, 4, 4), 255.0), torch.zeros(2, dtype=torch.long), num_classes=1)
+
+    class Plugin:
+        @hookimpl
+        def robustkit_register_datasets(self, registry: Any) -> None:
+            registry.add(tiny, name="tiny", summary="six random images")
+            registry.add(out_of_bounds, name="loud")
+
+    register_plugin(Plugin(), "toy")
+    assert not calls  # registering stores the factory; it runs when the data set is asked for
+    assert host.datasets.resolve("toy:tiny").summary == "six random images"
+    assert load_dataset("toy:tiny").x.shape == (6, 1, 4, 4) and calls == ["tiny"]
+    with pytest.raises(DataError, match=r"loud \(eval split\): values span \[255, 255\], outside the bounds"):
+        load_dataset("loud")
+
+
+def test_hook_robustkit_load_model(host: Host, register_plugin: Register) -> None:
+    seen: list[tuple[str, LoadOptions]] = []
+
+    class FakeFormat:
+        @hookimpl
+        def robustkit_load_model(self, ref: str, options: LoadOptions) -> LoadedModel | None:
+            seen.append((ref, options))
+            if not ref.endswith(".fake"):
+                return None  # not ours: the next loader (here the built-in) is asked
+            if "refuse" in ref:
+                raise RobustkitError(f"{ref} is signed by an unknown key; pass --trust-code to load it anyway")
+            return LoadedModel(nn.Flatten(), ref, "fake", "0" * 64)
+
+    class Crashing:
+        @hookimpl
+        def robustkit_load_model(self, ref: str, options: LoadOptions) -> LoadedModel | None:
+            if ref.endswith(".crash"):
+                raise ValueError("bad header")
+            return None
+
+    register_plugin(Crashing(), "crashing")
+    register_plugin(FakeFormat(), "fake")  # registered last: asked first
+    loaded = load_model("model.fake", LoadOptions(mean=(0.5,), std=(0.25,)))
+    assert loaded.format == "fake" and seen[0][0] == "model.fake" and seen[0][1].mean == (0.5,)
+    assert type(loaded.model).__name__ == "Normalized"  # --mean/--std wrap whatever a loader returns
+    assert load_model("builtin:digits-cnn").format == "builtin"  # None falls through to the built-in
+    with pytest.raises(RobustkitError, match=r"^refuse.fake is signed by an unknown key; pass --trust-code"):
+        load_model("refuse.fake")
+    with pytest.raises(RobustkitError, match=r"^plugin 'crashing' failed in robustkit_load_model: ValueError: bad"):
+        load_model("model.crash")
+
+
+def test_hook_robustkit_report_sections(host: Host, register_plugin: Register, tmp_path: Path,
+                                        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Sections:
+        @hookimpl
+        def robustkit_report_sections(self, report: dict[str, Any]) -> list[ReportSection] | None:
+            assert report["complete"] and report["results"]  # the finished report document
+            return [ReportSection("Deployment", f"audited {report['n']} samples"), "not a section"]  # type: ignore[list-item]
+
+    class Silent:
+        @hookimpl
+        def robustkit_report_sections(self, report: dict[str, Any]) -> list[ReportSection] | None:
+            return None
+
+    class Crashing:
+        @hookimpl
+        def robustkit_report_sections(self, report: dict[str, Any]) -> list[ReportSection] | None:
+            raise KeyError("model")
+
+    for plugin, name in ((Sections(), "sections"), (Silent(), "silent"), (Crashing(), "crashing")):
+        register_plugin(plugin, name)
+    config = AuditConfig("builtin:digits-cnn", attacks=("fgsm",), eps=(0.1,), limit=8, run_checks=False, out=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="robustkit.host"):
+        report = run_audit(config)
+    assert report["sections"] == [{"title": "Deployment", "markdown": "audited 8 samples", "plugin": "sections"}]
+    assert "plugin 'crashing' failed in robustkit_report_sections: KeyError: 'model'" in caplog.text
+    assert "## Deployment\n\naudited 8 samples" in (tmp_path / "report.md").read_text()
+    host.strict = True  # ROBUSTKIT_STRICT_PLUGINS=1: the crash propagates
+    with pytest.raises(KeyError):
+        run_audit(AuditConfig("builtin:digits-cnn", attacks=("fgsm",), eps=(0.1,), limit=8, run_checks=False))
+
+
+def test_hook_robustkit_register_commands(host: Host, register_plugin: Register,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    class Commands:
+        @hookimpl
+        def robustkit_register_commands(self, cli: click.Group) -> None:
+            @cli.command()
+            @click.argument("who")
+            def greet(who: str) -> None:
+                """Say hello."""
+                click.echo(f"hello {who}")
+
+            @cli.command(name="audit")
+            def fake_audit() -> None:
+                click.echo("not the real audit")
+
+    register_plugin(Commands(), "greeter")
+    with caplog.at_level(logging.WARNING, logger="robustkit"):
+        help_text = invoke("--help").stdout
+    assert "greet" in help_text and "Say hello." in help_text
+    assert "a plugin command 'audit' clashes with a built-in command; the built-in wins" in caplog.text
+    assert invoke("greet", "you").stdout == "hello you\n"
+    assert "not the real audit" not in invoke("audit", "--help").stdout
