@@ -8,6 +8,7 @@ a sample counts as broken if any iterate broke it, not only the last one).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,14 @@ def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
     true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
     others = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(dim=1)
     return others - true
+
+
+def warn_slow_precision(device: torch.device, precision: Precision) -> None:
+    """bf16 on a CPU without bf16 instructions runs reference kernels, ~10x slower than fp32."""
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # warnings.warn shows this once per call site, not once per batch.
+        warnings.warn("precision bf16 on a CPU without bf16 instructions is slower than fp32; use fp32 here",
+                      RuntimeWarning, stacklevel=3)
 
 
 def input_gradient(
@@ -105,6 +114,7 @@ class FGSM(Attack):
 
     def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
         p: FGSMParams = self.params
+        warn_slow_precision(x.device, p.precision)
         grad, _ = input_gradient(model, x, labels, targeted=threat.targeted, loss=p.loss, precision=p.precision)
         return x + ascent_step(grad, threat.norm, threat.eps)
 
@@ -142,6 +152,7 @@ class PGD(Attack):
 
     def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
         p: PGDParams = self.params
+        warn_slow_precision(x.device, p.precision)
         step_size = p.step_size if p.step_size is not None else 2.5 * threat.eps / p.steps
         generator = _generator(x, p.seed)
         if p.last_iterate:  # Madry's maximiser: no success bookkeeping, no host syncs
