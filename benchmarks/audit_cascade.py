@@ -39,8 +39,8 @@ def naive(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[floa
                    torchattacks.Square(model, eps=eps, n_queries=QUERIES, p_init=0.3, seed=0)]
         standing = torch.ones(len(x), dtype=torch.bool)
         for attack in attacks:
+            x_adv = attack(x, y)
             with torch.no_grad():
-                x_adv = attack(x, y)
                 standing &= model(x_adv).argmax(1) == y
         worst[eps] = float(standing.float().mean())
     return worst

@@ -50,11 +50,18 @@ def accuracy_with_ci(accuracy: float, n: int) -> dict[str, Any]:
     return {"robust_accuracy": accuracy, "ci95": [low, high]}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     payload = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make reports owner-only
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
