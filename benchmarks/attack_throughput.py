@@ -24,17 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import benchmark_setup, timed  # benchmarks/ is on sys.path when run as a script
 from torch import Tensor, nn
 
 from robustkit.attacks.native import PGD
 from robustkit.threat import Norm, ThreatModel
-from robustkit.zoo import cnn4_bn
 
 EPS, STEPS = 8 / 255, 10
 STEP = 2.5 * EPS / STEPS  # native PGD's default step size, given to every implementation
@@ -52,12 +51,6 @@ def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None)
     return x_adv
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -69,10 +62,7 @@ def main() -> None:
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
     from art.estimators.classification import PyTorchClassifier
 
-    torch.manual_seed(0)
-    model = cnn4_bn().eval()
-    x = torch.rand(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    model, x, y = benchmark_setup(args.batch)
     threat = ThreatModel(Norm.LINF, EPS)
     ta_pgd = torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=STEPS, random_start=True)
     classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(3, 32, 32), nb_classes=10,

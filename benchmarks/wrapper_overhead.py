@@ -17,23 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from common import benchmark_setup, timed  # benchmarks/ is on sys.path when run as a script
 
 from robustkit.host import Host
 from robustkit.threat import Norm, ThreatModel
-from robustkit.zoo import cnn4_bn
 
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 10
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -47,10 +40,7 @@ def main() -> None:
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
     from art.estimators.classification import PyTorchClassifier
 
-    torch.manual_seed(0)
-    model = cnn4_bn().eval()
-    x = torch.rand(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    model, x, y = benchmark_setup(args.batch)
     threat = ThreatModel(Norm.LINF, EPS)
     attacks = Host().attacks
     wrapped_ta = attacks.resolve("torchattacks:pgd").obj(steps=STEPS, step_size=STEP)

@@ -55,6 +55,11 @@ def masked_model_factory() -> nn.Module:
     return nn.Sequential(Quantize(), trained_digits_model("cnn"))
 
 
+def invoke_audit(weights: Path, *args: str):
+    """``robustkit audit WEIGHTS --arch builtin:digits-cnn ARGS...`` through click's runner."""
+    return CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", *args])
+
+
 def audit(model: str, **kwargs) -> dict:
     options = kwargs.pop("options", FAST if "attacks" not in kwargs else (("pgd.steps", "10"),))
     config = AuditConfig(
@@ -123,30 +128,8 @@ def test_checks_stay_quiet_on_a_plain_model(weights):
 
 def test_report_files_schema_and_html(weights, tmp_path):
     out = tmp_path / "report"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "audit",
-            str(weights),
-            "--arch",
-            "builtin:digits-cnn",
-            "--eps",
-            "0.05,0.1",
-            "--limit",
-            "60",
-            "-o",
-            "pgd.steps",
-            "5",
-            "-o",
-            "square.queries",
-            "100",
-            "--check-samples",
-            "32",
-            "--out",
-            str(out),
-            "--json",
-        ],
-    )
+    result = invoke_audit(weights, "--eps", "0.05,0.1", "--limit", "60", "-o", "pgd.steps", "5",
+                          "-o", "square.queries", "100", "--check-samples", "32", "--out", str(out), "--json")
     assert result.exit_code in (0, 3), result.output
     document = json.loads(result.stdout)
     on_disk = json.loads((out / "report.json").read_text())
@@ -190,25 +173,8 @@ def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch)
 
     monkeypatch.setattr(PGD, "run", interrupting_run)
     out = tmp_path / "partial"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "audit",
-            str(weights),
-            "--arch",
-            "builtin:digits-cnn",
-            "--eps",
-            "0.05,0.1",
-            "--limit",
-            "60",
-            "--attack",
-            "fgsm",
-            "--attack",
-            "pgd",
-            "--out",
-            str(out),
-        ],
-    )
+    result = invoke_audit(weights, "--eps", "0.05,0.1", "--limit", "60", "--attack", "fgsm", "--attack", "pgd",
+                          "--out", str(out))
     assert result.exit_code == 130, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is False
@@ -228,7 +194,7 @@ def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch)
     ],
 )
 def test_bad_input_gives_one_line_errors(weights, args, message):
-    result = CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", *args])
+    result = invoke_audit(weights, *args)
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
@@ -237,9 +203,7 @@ def test_bad_input_gives_one_line_errors(weights, args, message):
 def test_wrong_input_shape_is_one_line_error(weights, tmp_path):
     flat = tmp_path / "flat.npz"
     np.savez(flat, x=np.random.rand(20, 64).astype(np.float32), y=np.zeros(20, dtype=np.int64))
-    result = CliRunner().invoke(
-        cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--data", str(flat)]
-    )
+    result = invoke_audit(weights, "--data", str(flat))
     assert result.exit_code == 1
     assert "N x C x H x W" in result.output and len(result.output.strip().splitlines()) == 1
 
