@@ -26,7 +26,7 @@ from robustkit.attacks.base import Attack
 from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
-from robustkit.modules import Model, predict_logits
+from robustkit.modules import Model, fast_layout, predict_logits
 from robustkit.threat import ThreatModel
 
 NEVER = math.inf
@@ -126,6 +126,16 @@ def evaluate(
         raise RobustkitError("evaluate one norm at a time")
     threats = sorted(threats, key=lambda t: t.eps)
     device = torch.device(device)
+    # One weight swap for the whole run rather than one per attack call.
+    with fast_layout(model, x[:batch_size].to(device)):
+        return _run_stages(model, x, y, attacks, threats, batch_size, cascade, device, on_result, dist_ctx)
+
+
+def _run_stages(
+    model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack], threats: Sequence[ThreatModel],
+    batch_size: int, cascade: bool, device: torch.device, on_result: Callable[[Evaluation], None] | None,
+    dist_ctx: DistContext,
+) -> Evaluation:
     clean_logits = predict_logits(model, x)
     clean_correct = (clean_logits.argmax(1) == y.to(clean_logits.device)).cpu()
     initial = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))

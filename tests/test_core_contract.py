@@ -6,12 +6,16 @@ torchattacks, third parties) are held to the same checks as the native ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from robustkit import modules
+from robustkit.attacks import base
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.native import FGSM, PGD
 from robustkit.data import load_digits
@@ -244,3 +248,57 @@ def test_attack_keeps_device_of_inputs_and_params_rejects_mixed_construction() -
         PGD(PGD.Params(), steps=3)
     assert PGD(steps=3).params.steps == 3
     assert repr(FGSM()) == "FGSM(FGSMParams(loss='ce', precision='fp32'))"
+
+
+# -- channels-last on the CPU (robustkit.modules.fast_layout) ---------------------------------
+class ViewsAfterConv(nn.Module):
+    """``.view`` on a convolution's output: fails in channels-last, so must be left alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.convs(x)
+        return self.head(features.view(len(x), -1))
+
+
+def test_channels_last_leaves_the_model_and_inputs_as_they_were(
+    cnn: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits
+    before = [(p.data_ptr(), p.is_contiguous()) for p in cnn.parameters()]
+    result = PGD(steps=2)(cnn, x, y, threat=ThreatModel(Norm.LINF, 0.1))
+    assert [(p.data_ptr(), p.is_contiguous()) for p in cnn.parameters()] == before
+    assert result.x_adv.is_contiguous() and x.is_contiguous()
+    assert modules._CHANNELS_LAST_OK[cnn][(tuple(x.shape[1:]), x.dtype)] is True
+
+
+def test_channels_last_gives_the_attack_contiguous_inputs_would(
+    cnn: nn.Module, digits: tuple[Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y = digits
+    threat = ThreatModel(Norm.LINF, 0.1)
+    fast = FGSM()(cnn, x, y, threat=threat)
+
+    @contextmanager
+    def as_given(model: nn.Module, inputs: Tensor) -> Iterator[Tensor]:
+        yield inputs
+
+    monkeypatch.setattr(base, "fast_layout", as_given)
+    plain = FGSM()(cnn, x, y, threat=threat)
+    # The sign of a gradient that rounds to about zero may flip; nothing else may differ.
+    assert (fast.x_adv == plain.x_adv).float().mean() > 0.999
+    assert torch.allclose(fast.logits, plain.logits, atol=1e-3)
+    assert torch.equal(fast.success, plain.success)
+
+
+def test_a_model_that_fails_in_channels_last_runs_as_given(digits: tuple[Tensor, Tensor]) -> None:
+    torch.manual_seed(0)
+    model = ViewsAfterConv()
+    x, y = digits
+    result = FGSM()(model, x, y, threat=ThreatModel(Norm.LINF, 0.1))
+    assert modules._CHANNELS_LAST_OK[model][(tuple(x.shape[1:]), x.dtype)] is False
+    assert torch.equal(result.logits, predict_logits(model, result.x_adv))
+    assert all(p.is_contiguous() for p in model.parameters())

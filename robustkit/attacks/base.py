@@ -3,8 +3,9 @@
 An ``Attack`` holds settings only (a frozen ``Params`` dataclass) and receives the model at
 call time, as in foolbox 3. Plugins write ``run``; the final ``__call__`` does the work every
 attack needs and no plugin should be trusted to repeat: checks the norm, puts the model in
-eval mode (restoring each submodule's mode afterwards), projects the result into the eps-ball
-and the bounds, and judges success in fp32.
+eval mode (restoring each submodule's mode afterwards), runs a CPU conv net in channels-last
+(``fast_layout``), projects the result into the eps-ball and the bounds, and judges success
+in fp32.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from robustkit.errors import DataError, RobustkitError
-from robustkit.modules import Model, eval_mode, predict_logits
+from robustkit.modules import Model, eval_mode, fast_layout, predict_logits
 from robustkit.params import coerce
 from robustkit.threat import Norm, ThreatModel
 
@@ -101,17 +102,19 @@ class Attack(ABC):
         _check_batch(x, y, threat)
         y = y.long()  # int32 labels are accepted; losses and scatter need int64 indices
         start = time.perf_counter()
-        with eval_mode(model):
+        with eval_mode(model), fast_layout(model, x) as x_run:
             if threat.targeted and targets is None:
-                targets = default_targets(predict_logits(model, x), y)
+                targets = default_targets(predict_logits(model, x_run), y)
             labels = targets.long() if threat.targeted and targets is not None else y
-            raw = self.run(model, x, labels, threat)
+            raw = self.run(model, x_run, labels, threat)
             if raw.shape != x.shape:
                 raise RobustkitError(
                     f"attack {self.name!r} returned shape {tuple(raw.shape)} for inputs of shape {tuple(x.shape)}"
                 )
-            x_adv = threat.project(x, raw.detach().to(device=x.device, dtype=x.dtype))
+            x_adv = threat.project(x_run, raw.detach().to(device=x.device, dtype=x.dtype))
             logits = predict_logits(model, x_adv).to(x.device)
+        if x.is_contiguous():
+            x_adv = x_adv.contiguous()  # hand back the caller's layout
         success = is_success(logits, labels, threat.targeted)
         return AttackResult(x_adv, success, logits, time.perf_counter() - start)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from robustkit import Attack, ThreatModel
 from robustkit.data import load_digits
 from robustkit.host import Host
+from robustkit.modules import fast_layout
 from robustkit.testing import trained_digits_model
 
 pytestmark = pytest.mark.slow
@@ -85,9 +86,10 @@ def test_pgd_agrees_with_art_called_directly(kind: str, eps: float) -> None:
         batch_size=128, verbose=False,
     )
     np.random.seed(SEED)
-    direct_adv = torch.from_numpy(direct.generate(data.x.numpy(), y=data.y.numpy()))
+    with fast_layout(model, data.x) as x_run:  # the memory layout robustkit runs the model in
+        direct_adv = torch.from_numpy(direct.generate(x_run.numpy(), y=data.y.numpy()))
     threat = ThreatModel.parse(f"linf:{eps}")
     direct_accuracy = robust_accuracy(model, data.x, data.y, direct_adv, threat)
     assert abs(wrapped - direct_accuracy) <= 3.0, (wrapped, direct_accuracy)
-    # Same library, same seed: the wrapper must not change what ART computes.
+    # Same library, seed and layout: the wrapper must not change what ART computes.
     assert torch.allclose(wrapped_adv, direct_adv, atol=1e-6)

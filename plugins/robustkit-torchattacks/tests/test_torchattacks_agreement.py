@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from robustkit import Attack, ThreatModel
 from robustkit.data import load_digits
 from robustkit.host import Host
+from robustkit.modules import fast_layout
 from robustkit.testing import trained_digits_model
 
 pytestmark = pytest.mark.slow
@@ -86,8 +87,9 @@ def test_pgd_agrees_with_torchattacks_called_directly(kind: str, eps: float) -> 
     x, y = _digits()
     torch.manual_seed(0)
     direct = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=STEPS, random_start=True)
-    direct_adv = direct(x, y)
+    with fast_layout(model, x) as x_run:  # the memory layout robustkit runs the model in
+        direct_adv = direct(x_run, y)
     direct_accuracy = robust_accuracy(model, x, y, direct_adv, ThreatModel.parse(f"linf:{eps}"))
     assert abs(wrapped - direct_accuracy) <= 3.0, (wrapped, direct_accuracy)
-    # Same library, same seed: the wrapper must not change what torchattacks computes.
+    # Same library, seed and layout: the wrapper must not change what torchattacks computes.
     assert torch.allclose(wrapped_adv, direct_adv, atol=1e-6)
