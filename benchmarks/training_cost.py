@@ -1,7 +1,7 @@
 """What robustness costs: robustkit's training defences against plain training, in one run.
 
 On builtin:digits (linf eps 0.2, 15 epochs, builtin:digits-cnn, Adam, batch 64), trains plain
-training, fgsm-rs, pgd-at (7 steps), free and trades through the same engine and reports, for
+training, fgsm-rs, atta, pgd-at (7 steps), free and trades through the same engine and reports, for
 each, the training time per pass over the data relative to plain training (the per-epoch
 canary is timed apart) and the PGD-20 robust accuracy of the weights it returns; then bf16
 against fp32 time. With a GPU (or --resnet-images N), it also times one epoch of each defence
@@ -34,11 +34,11 @@ from robustkit.attacks.native import PGD
 from robustkit.data import Dataset, load_digits
 from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.harden.config import RunConfig
-from robustkit.harden.defences import FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
+from robustkit.harden.defences import ATTA, FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
 from robustkit.threat import ThreatModel
 from robustkit.zoo import digits_cnn
 
-DEFENCES = ("plain", "fgsm-rs", "pgd-at", "free", "trades")
+DEFENCES = ("plain", "fgsm-rs", "atta", "pgd-at", "free", "trades")
 PGD_STEPS = 7
 
 
@@ -51,6 +51,7 @@ def make_defence(name: str, epochs: int, batch_size: int, **extra: Any) -> Train
     classes: dict[str, type[TrainingDefence]] = {
         "plain": Standard,
         "fgsm-rs": FGSMRS,
+        "atta": ATTA,
         "free": Free,
         "trades": TRADES,
     }
@@ -129,7 +130,7 @@ def targets(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
     if not needed <= set(rows):
         return {}
     fgsm, pgd = rows["fgsm-rs"], rows["pgd-at"]
-    fast = [rows[n] for n in ("fgsm-rs", "free") if n in rows]
+    fast = [rows[n] for n in ("fgsm-rs", "atta", "free") if n in rows]
     return {
         "fgsm-rs <= 2.2x plain per epoch": fgsm["relative_time"] <= 2.2,
         "fgsm-rs >= 50% robust": fgsm["pgd20_robust_accuracy"] >= 0.50,

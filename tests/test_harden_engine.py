@@ -27,7 +27,7 @@ from robustkit.errors import RobustkitError
 from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.harden import checkpoint
 from robustkit.harden.config import RunConfig, TrainingParams
-from robustkit.harden.defences import FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
+from robustkit.harden.defences import ATTA, FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
 from robustkit.harden.engine import (
     Batches,
     RunState,
@@ -82,6 +82,7 @@ def fresh_model(seed: int = 0) -> nn.Module:
 DEFENCE_CASES: dict[str, TrainingDefence] = {
     "pgd-at": PGDAT(epochs=4, steps=3),
     "fgsm-rs": FGSMRS(epochs=5),
+    "atta": ATTA(epochs=5),
     "free": Free(epochs=8, replays=2),
     "trades": TRADES(epochs=4, steps=3),
 }
@@ -103,6 +104,21 @@ def test_defence_beats_plain_training(name: str, digits: Dataset, plain_robustne
     assert clean > 0.6
     assert not any(r["overfit"] for r in result.history)
     assert [r["epoch"] for r in result.history] == list(range(1, len(result.history) + 1))
+
+
+def test_atta_carries_each_samples_perturbation_across_epochs(digits: Dataset, tmp_path: Path) -> None:
+    ATTA(epochs=2).apply(fresh_model(), digits, threat=THREAT, run=RunConfig(out_dir=tmp_path, progress=False))
+    carried = checkpoint.load(tmp_path / checkpoint.FILENAME)["ranks"][0]["carry"]["perturbation"]
+    assert digits.y_train is not None
+    x_train, _, _, _ = validation_split(digits.x_train, digits.y_train, 0.1, seed=0)
+    assert carried.shape == x_train.shape
+    assert not carried.isnan().any()  # every training sample was perturbed
+    assert carried.abs().max() <= EPS + 1e-6
+    # Away from the bounds, one step of eps/2 from a uniform start reaches the edge of the ball
+    # for a quarter of the pixels; only a second step, from where epoch 1 left off, goes past.
+    interior = (x_train > EPS) & (x_train < 1 - EPS)
+    at_edge = float((carried[interior].abs() > EPS - 1e-6).float().mean())
+    assert at_edge > 0.32, f"{at_edge:.1%} of the interior pixels at the edge of the ball"
 
 
 @pytest.mark.parametrize(("defence", "precision"), [(FGSMRS(epochs=5), "bf16"), (Free(epochs=6, replays=2), "fp16")])
@@ -163,7 +179,11 @@ class _Sabotaged:
 
 @pytest.mark.parametrize(
     ("make", "how"),
-    [(lambda: FGSMRS(epochs=2), "sigint"), (lambda: Free(epochs=4, replays=2), "crash")],
+    [
+        (lambda: FGSMRS(epochs=2), "sigint"),
+        (lambda: Free(epochs=4, replays=2), "crash"),
+        (lambda: ATTA(epochs=3), "sigint"),  # per-sample perturbations carried through the checkpoint
+    ],
 )
 def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(
     make: Any, how: str, digits: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -316,7 +336,11 @@ def test_batches_are_the_same_on_the_device_and_through_a_dataloader(digits: Dat
     def batches(placement: str, world: DistContext, start: int = 0) -> list[Tensor]:
         run = RunConfig(placement=placement, workers=1)  # type: ignore[arg-type]
         source = Batches(x, y, batch_size=32, seed=3, world=world, device=cpu, run=run)
-        return [yb for _, yb in source.epoch(2, start)]
+        served = []
+        for xb, yb, index in source.epoch(2, start):
+            assert torch.equal(x[index], xb) and torch.equal(y[index], yb)  # positions name the samples
+            served.append(yb)
+        return served
 
     on_device = batches("device", DistContext())
     assert torch.equal(torch.cat(on_device), torch.cat(batches("loader", DistContext())))
@@ -334,7 +358,7 @@ def test_batches_are_the_same_on_the_device_and_through_a_dataloader(digits: Dat
         )
         for rank in (0, 1)
     ]
-    shards = [[yb for _, yb in h.epoch(2)] for h in halves]
+    shards = [[yb for _, yb, _ in h.epoch(2)] for h in halves]
     assert sorted(torch.cat(shards[0] + shards[1]).tolist()) == sorted(y.tolist())
 
 

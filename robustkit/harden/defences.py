@@ -1,8 +1,8 @@
 """The built-in training defences. Each is a ``Params`` dataclass and a *step*; the shared
 engine (``robustkit.harden.engine``) does everything else.
 
-Cost per batch, in forward-backward passes: plain training 1; ``fgsm-rs`` 2; ``free`` 1 per
-replay (so the same as plain training per pass over the data); ``pgd-at`` K+1 (plus one
+Cost per batch, in forward-backward passes: plain training 1; ``fgsm-rs`` and ``atta`` 2;
+``free`` 1 per replay (so the same as plain training per pass over the data); ``pgd-at`` K+1 (plus one
 forward to check the attack's examples); ``trades`` K+2.
 """
 
@@ -205,6 +205,63 @@ class FGSMRS(TrainingDefence):
 
 
 @dataclass(frozen=True)
+class ATTAParams(TrainingParams):
+    lr: float = param(6e-3, "peak learning rate of the cycle (as for fgsm-rs)")
+    schedule: Literal["constant", "cyclic", "cosine"] = param(
+        "cyclic", "learning rate over the run: constant, cyclic (0 -> lr -> 0) or cosine decay"
+    )
+    steps: int = param(1, "attack steps per batch (ATTA-K); each continues where the last epoch left off")
+    step_factor: float = param(0.5, "attack step as a multiple of eps")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1 or self.step_factor <= 0:
+            raise ValueError("steps must be >= 1 and step_factor > 0")
+
+
+class ATTA(TrainingDefence):
+    """Adversarial training with transferable adversarial examples (Zheng et al., 2020).
+
+    Each sample's perturbation is kept from one epoch to the next and advanced by one FGSM
+    step per visit, starting from a random point of the ball on the first. The model changes
+    little between epochs, so the examples keep their strength and the attack accumulates:
+    after k epochs a sample has had k steps, as from a k-step PGD, at the cost of fgsm-rs
+    (two forward-backward passes per batch). The perturbations (one per training sample, the
+    size of the training split) live on the data's device and go into every checkpoint, so a
+    resumed run continues them. Under torchrun each process keeps its own: a sample that moves
+    to another process between epochs starts again from a random point there.
+    """
+
+    name = "atta"
+    aliases = ("atta-k",)
+    Params = ATTAParams
+    summary = "FGSM steps that carry each sample's perturbation across epochs (Zheng et al., 2020)"
+
+    def make_step(self, ctx: StepContext) -> Step:
+        p: ATTAParams = self.params
+        threat = ctx.threat
+
+        def perturb(x: Tensor, y: Tensor) -> Tensor:
+            assert ctx.batch_index is not None, "the engine sets batch_index before each step"
+            store = ctx.carry.get("perturbation")
+            if store is None or store.shape[1:] != x.shape[1:]:
+                # NaN marks a sample this process has not perturbed yet
+                store = torch.full((ctx.train_size, *x.shape[1:]), float("nan"), device=x.device, dtype=x.dtype)
+                ctx.carry["perturbation"] = store
+            carried = store[ctx.batch_index]
+            fresh = random_start(x, threat, ctx.generator)
+            x_adv = torch.where(torch.isnan(carried), fresh, threat.project(x, x + carried.nan_to_num()))
+            with eval_mode(ctx.craft):
+                for _ in range(p.steps):
+                    grad = ctx.input_gradient(x_adv, _cross_entropy_sum(y))
+                    x_adv = threat.project(x, x_adv + ascent_step(grad, threat.norm, p.step_factor * threat.eps))
+            store[ctx.batch_index] = x_adv - x
+            return x_adv
+
+        return adversarial_step(ctx, perturb)
+
+
+@dataclass(frozen=True)
 class FreeParams(TrainingParams):
     replays: int = param(
         4,
@@ -319,4 +376,4 @@ class TRADES(TrainingDefence):
 
 
 #: The registered training defences (``robustkit defences list``).
-DEFENCES: tuple[type[TrainingDefence], ...] = (PGDAT, FGSMRS, Free, TRADES)
+DEFENCES: tuple[type[TrainingDefence], ...] = (PGDAT, FGSMRS, ATTA, Free, TRADES)

@@ -88,7 +88,11 @@ class StepContext:
     scaler: torch.amp.GradScaler | None
     seed: int
     world: DistContext
-    carry: dict[str, Tensor] = field(default_factory=dict)  #: state kept across batches
+    train_size: int  #: samples in the training split: per-sample state is indexed by position in it
+    carry: dict[str, Tensor] = field(default_factory=dict)  #: state kept across batches (checkpointed)
+    #: Positions in the training split of the batch being stepped on (on the batch's device);
+    #: set by the engine before each step, for defences that keep per-sample state.
+    batch_index: Tensor | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
         dtype = _AUTOCAST.get(self.precision)
@@ -208,14 +212,15 @@ class Batches:
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batches of ``epoch`` from batch number ``start`` on (a resumed epoch skips some)."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(x, y, positions in the split) of the batches of ``epoch`` from batch number ``start``
+        on (a resumed epoch skips some)."""
         self.sampler.set_epoch(epoch)
         chunks = torch.tensor(list(self.sampler), dtype=torch.int64).split(self.batch_size)[start:]
         if self.on_device:
             for index in chunks:
                 index = index.to(self.device, non_blocking=True)
-                yield self.x[index], self.y[index]
+                yield self.x[index], self.y[index], index
             return
         loader = DataLoader(
             _Pairs(self.x, self.y),
@@ -224,10 +229,11 @@ class Batches:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
         )
-        for xb, yb in loader:
+        for (xb, yb), index in zip(loader, chunks):
             yield (
                 xb.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
                 yb.to(self.device, non_blocking=True),
+                index.to(self.device, non_blocking=True),
             )
 
 
@@ -493,6 +499,7 @@ class Engine:
             scaler=scaler,
             seed=params.seed,
             world=self.world,
+            train_size=len(y_train),
         )
         self.step = defence.make_step(self.ctx)
         self.state = RunState()
@@ -611,7 +618,8 @@ class Engine:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         count, started = 0, time.perf_counter()
         refresh = max(1, len(self.batches) // 10)  # a host sync 10 times an epoch, for the display
-        for number, (xb, yb) in enumerate(self.batches.epoch(epoch, state.batch), start=state.batch + 1):
+        for number, (xb, yb, index) in enumerate(self.batches.epoch(epoch, state.batch), start=state.batch + 1):
+            self.ctx.batch_index = index
             loss, logits = self.step(xb, yb)
             loss_sum += loss * len(yb)
             correct += (logits.argmax(1) == yb).sum()
