@@ -125,3 +125,34 @@ def trained_digits_model(kind: str = "cnn", *, epochs: int = 6, seed: int = 0) -
 
 
 _TRAINED: dict[tuple[str, int, int], nn.Module] = {}
+
+
+# -- agreement tests: a wrapped attack against robustkit's own and its library called directly --
+def builtin_attack(name: str, **params: Any) -> Attack:
+    """robustkit's own attack, by the name a user types (``pgd`` is ``robustkit:pgd``)."""
+    from robustkit.host import Host
+
+    attack_cls: type[Attack] = Host(entry_points=False).attacks.resolve(f"robustkit:{name}").obj
+    return attack_cls(**params)
+
+
+def checked_robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, threat: ThreatModel) -> float:
+    """Percentage of samples the model still classifies correctly at ``x_adv``, computed from
+    the model's own predictions; fails on any example off the threat model, whoever made it."""
+    bad = threat.violations(x, x_adv)
+    if bad.any():
+        raise AssertionError(f"{int(bad.sum())} adversarial examples leave the eps-ball or the bounds")
+    with torch.no_grad():
+        return 100 * float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def attack_digits(attack: Attack, kind: str, eps: float, seed: int = 0) -> tuple[float, Tensor]:
+    """(robust accuracy in %, examples) of ``attack`` through robustkit on the 360 test digits
+    against ``trained_digits_model(kind)`` at linf ``eps``."""
+    from robustkit.data import load_digits
+
+    model, data = trained_digits_model(kind), load_digits()
+    threat = ThreatModel(Norm.LINF, eps)
+    torch.manual_seed(seed)
+    x_adv = attack(model, data.x, data.y, threat=threat).x_adv
+    return checked_robust_accuracy(model, data.x, data.y, x_adv, threat), x_adv

@@ -20,7 +20,6 @@ from robustkit.attacks.native import FGSM, PGD
 from robustkit.audit import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
-from robustkit.host import Host, set_host
 from robustkit.loading import LoadOptions
 from robustkit.report import REQUIRED_KEYS
 from robustkit.testing import trained_digits_model
@@ -37,11 +36,8 @@ class Quantize(nn.Module):
         return torch.round(x * 4) / 4
 
 
-@pytest.fixture(autouse=True)
-def builtin_host():
-    set_host(Host(entry_points=False))
-    yield
-    set_host(None)
+#: Built-in plugins only, whatever is installed (tests/conftest.py's ``host`` fixture).
+pytestmark = pytest.mark.usefixtures("host")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from robustkit.audit import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
 from robustkit.exporters import METADATA_KEY
-from robustkit.host import Host, set_host
 from robustkit.loading import LoadOptions, file_sha256, load_model
 from robustkit.modules import Normalized
 from robustkit.testing import trained_digits_model
@@ -28,11 +27,8 @@ from robustkit.zoo import digits_resnet
 CNN = ("--arch", "builtin:digits-cnn")
 
 
-@pytest.fixture(autouse=True)
-def builtin_host():
-    set_host(Host(entry_points=False))
-    yield
-    set_host(None)
+#: Built-in plugins only, whatever is installed (tests/conftest.py's ``host`` fixture).
+pytestmark = pytest.mark.usefixtures("host")
 
 
 @pytest.fixture(scope="module")

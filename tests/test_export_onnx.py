@@ -31,11 +31,8 @@ from robustkit.zoo import digits_cnn
 THREAT = ThreatModel.parse("linf:0.05")
 
 
-@pytest.fixture(autouse=True)
-def builtin_host():
-    set_host(Host(entry_points=False))
-    yield
-    set_host(None)
+#: Built-in plugins only, whatever is installed (tests/conftest.py's ``host`` fixture).
+pytestmark = pytest.mark.usefixtures("host")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,6 @@ from robustkit.threat import Norm, ThreatModel
 from robustkit.zoo import digits_cnn
 
 FAST = ["--eps", "0.2", "-o", "canary_size", "128"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Two pytest workers on two cores: more torch threads than cores makes training crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def harden(*args: str | Path) -> Result:

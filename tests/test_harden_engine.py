@@ -10,7 +10,6 @@ import math
 import os
 import random
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,6 @@ from robustkit.zoo import digits_cnn
 
 EPS = 0.2
 THREAT = ThreatModel("linf", EPS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Two pytest workers on two cores: more torch threads than cores makes training crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

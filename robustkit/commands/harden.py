@@ -82,7 +82,7 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     "--defence",
     "--defense",
     "defence",
-    help="Training defence, e.g. pgd-at, fgsm-rs, free, trades.",
+    help="Training defence, e.g. pgd-at, fgsm-rs, atta, free, trades.",
 )
 @model_options
 @click.option("--threat", default="linf", show_default=True, help="linf or l2 (or NORM:EPS).")

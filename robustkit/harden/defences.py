@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +154,6 @@ class PGDAT(TrainingDefence):
 
 @dataclass(frozen=True)
 class FGSMRSParams(TrainingParams):
-    lr: float = param(
-        6e-3,
-        "peak learning rate: twice the usual constant rate, as the cycle averages half its peak "
-        "(Wong et al. use 0.2 for SGD's usual 0.1)",
-    )
-    schedule: Literal["constant", "cyclic", "cosine"] = param(
-        "cyclic", "learning rate over the run: constant, cyclic (0 -> lr -> 0) or cosine decay"
-    )
     step_factor: float = param(1.25, "FGSM step as a multiple of eps (Wong et al. use 1.25)")
     random_start: bool = param(
         True,
@@ -206,12 +198,8 @@ class FGSMRS(TrainingDefence):
 
 @dataclass(frozen=True)
 class ATTAParams(TrainingParams):
-    lr: float = param(6e-3, "peak learning rate of the cycle (as for fgsm-rs)")
-    schedule: Literal["constant", "cyclic", "cosine"] = param(
-        "cyclic", "learning rate over the run: constant, cyclic (0 -> lr -> 0) or cosine decay"
-    )
     steps: int = param(1, "attack steps per batch (ATTA-K); each continues where the last epoch left off")
-    step_factor: float = param(0.5, "attack step as a multiple of eps")
+    step_factor: float = param(1.0, "attack step as a multiple of eps")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,11 +16,10 @@ from art.estimators.classification import PyTorchClassifier
 from robustkit_art.attacks import FGSM, PGD
 from torch import Tensor, nn
 
-from robustkit import Attack, ThreatModel
+from robustkit import ThreatModel
 from robustkit.data import load_digits
-from robustkit.host import Host
 from robustkit.modules import fast_layout
-from robustkit.testing import trained_digits_model
+from robustkit.testing import attack_digits, builtin_attack, checked_robust_accuracy, trained_digits_model
 
 pytestmark = pytest.mark.slow
 CASES = [(kind, eps) for kind in ("cnn", "normalized-bn") for eps in (0.05, 0.1)]
@@ -28,38 +27,16 @@ STEPS = 10
 SEED = 0
 
 
-def builtin_attack(name: str, **params: object) -> Attack:
-    """robustkit's own attack, by the name a user types (``robustkit:pgd``)."""
-    return Host(entry_points=False).attacks.resolve(f"robustkit:{name}").obj(**params)
-
-
-def robust_accuracy(
-    model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, threat: ThreatModel
-) -> float:
-    """Percentage of samples classified correctly; refuses any example off the threat model."""
-    bad = threat.violations(x, x_adv)
-    assert not bad.any(), f"{int(bad.sum())} adversarial examples leave the eps-ball or the bounds"
-    with torch.no_grad():
-        return 100 * float((model(x_adv).argmax(1) == y).float().mean())
-
-
-def _through_robustkit(attack: Attack, kind: str, eps: float) -> tuple[float, Tensor]:
-    model, data = trained_digits_model(kind), load_digits()
-    threat = ThreatModel.parse(f"linf:{eps}")
-    x_adv = attack(model, data.x, data.y, threat=threat).x_adv
-    return robust_accuracy(model, data.x, data.y, x_adv, threat), x_adv
-
-
 @cache
 def _wrapped_pgd(kind: str, eps: float) -> tuple[float, Tensor]:
     """art:pgd with the shared settings, run once per case for both PGD tests."""
-    return _through_robustkit(PGD(steps=STEPS, step_size=2.5 * eps / STEPS, seed=SEED), kind, eps)
+    return attack_digits(PGD(steps=STEPS, step_size=2.5 * eps / STEPS, seed=SEED), kind, eps)
 
 
 @pytest.mark.parametrize(("kind", "eps"), CASES)
 def test_fgsm_agrees_with_robustkit_fgsm(kind: str, eps: float) -> None:
-    wrapped, _ = _through_robustkit(FGSM(), kind, eps)
-    native, _ = _through_robustkit(builtin_attack("fgsm"), kind, eps)
+    wrapped, _ = attack_digits(FGSM(), kind, eps)
+    native, _ = attack_digits(builtin_attack("fgsm"), kind, eps)
     assert abs(wrapped - native) <= 1.0, (wrapped, native)
 
 
@@ -69,7 +46,7 @@ def test_pgd_agrees_with_robustkit_pgd(kind: str, eps: float) -> None:
     the model, ART only the last one, so the native number may be slightly lower."""
     wrapped, _ = _wrapped_pgd(kind, eps)
     native_pgd = builtin_attack("pgd", steps=STEPS, step_size=2.5 * eps / STEPS)
-    native, _ = _through_robustkit(native_pgd, kind, eps)
+    native, _ = attack_digits(native_pgd, kind, eps)
     assert abs(wrapped - native) <= 3.0, (wrapped, native)
 
 
@@ -89,7 +66,7 @@ def test_pgd_agrees_with_art_called_directly(kind: str, eps: float) -> None:
     with fast_layout(model, data.x) as x_run:  # the memory layout robustkit runs the model in
         direct_adv = torch.from_numpy(direct.generate(x_run.numpy(), y=data.y.numpy()))
     threat = ThreatModel.parse(f"linf:{eps}")
-    direct_accuracy = robust_accuracy(model, data.x, data.y, direct_adv, threat)
+    direct_accuracy = checked_robust_accuracy(model, data.x, data.y, direct_adv, threat)
     assert abs(wrapped - direct_accuracy) <= 3.0, (wrapped, direct_accuracy)
     # Same library, seed and layout: the wrapper must not change what ART computes.
     assert torch.allclose(wrapped_adv, direct_adv, atol=1e-6)
