@@ -168,6 +168,25 @@ def test_bf16_close_to_fp32(cnn: nn.Module, digits: tuple[Tensor, Tensor]) -> No
         assert abs(bf16 - fp32) <= 0.05, (threat, fp32, bf16)
 
 
+def test_reduced_precision_stops_only_on_samples_fooled_in_fp32() -> None:
+    """Near ties that bf16 rounding flips: early stop must not take them for broken samples."""
+    torch.manual_seed(0)
+    x = torch.rand(200, 1, 8, 8) * 0.5 + 0.25
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    difference = torch.randn(64).sign() * 0.004  # class 1's weights differ from class 0's by this
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.full((64,), 0.5), torch.full((64,), 0.5) + difference]))
+        model[1].bias.copy_(torch.tensor([0.0, -float((x.flatten(1) @ difference).median())]))
+    y = predict_logits(model, x).argmax(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (model(x).float().argmax(1) != y).float().mean() > 0.3  # bf16 flips many clean ties
+    threat = ThreatModel(Norm.LINF, 0.02)
+    fp32 = PGD(steps=10)(model, x, y, threat=threat)
+    bf16 = PGD(steps=10, precision="bf16")(model, x, y, threat=threat)
+    assert fp32.robust_accuracy < 0.5
+    assert abs(bf16.robust_accuracy - fp32.robust_accuracy) <= 0.02, (bf16.robust_accuracy, fp32.robust_accuracy)
+
+
 class CountingModel(nn.Module):
     """Records the batch size of every gradient-enabled forward pass (the attack's own work)."""
 

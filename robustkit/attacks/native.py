@@ -141,6 +141,21 @@ class PGDParams:
             raise ValueError("step_size must be > 0")
 
 
+def _confirmed_in_fp32(model: Model, x_adv: Tensor, target: Tensor, hit: Tensor, targeted: bool) -> Tensor:
+    """``hit`` narrowed to the samples whose iterate also fools the model in fp32.
+
+    A reduced-precision forward pass can flip a near tie: a sample "fooled" only in bf16 must
+    not be stopped on (with early stop it would never be attacked again), because
+    ``Attack.__call__`` judges the result in fp32. The extra pass runs on the hits alone.
+    """
+    index = hit.nonzero().squeeze(1)
+    with torch.no_grad(), torch.autocast(x_adv.device.type, enabled=False):
+        logits = model(x_adv[index]).float()
+    confirmed = hit.clone()
+    confirmed[index] = is_success(logits, target[index], targeted)
+    return confirmed
+
+
 class PGD(Attack):
     """Projected gradient descent (Madry et al., 2018) with random starts and restarts."""
 
@@ -175,6 +190,8 @@ class PGD(Attack):
                     model, x_adv, target, targeted=threat.targeted, loss=p.loss, precision=p.precision
                 )
                 hit = is_success(logits, target, threat.targeted) & ~fooled[active]
+                if p.precision != "fp32" and hit.any():
+                    hit = _confirmed_in_fp32(model, x_adv, target, hit, threat.targeted)
                 if hit.any():
                     result[active[hit]] = x_adv[hit]
                     fooled[active[hit]] = True
