@@ -18,6 +18,7 @@ from torch import Tensor
 
 from robustkit.attacks.base import Attack
 from robustkit.cli import cli
+from robustkit.harden import checkpoint
 from robustkit.hookspecs import hookimpl
 from robustkit.loading import LoadOptions, load_model
 from robustkit.modules import Model, predict_logits
@@ -166,8 +167,9 @@ def test_pgd_at_takes_a_plugin_attack_as_inner_maximiser(register_plugin: Any, t
 
 def test_torchrun_two_processes_match_one_in_quality(host: Any, tmp_path: Path) -> None:
     """DDP on gloo with 2 CPU processes: rank 0 writes, and the result is as robust as one
-    process's (the global batches are the same; only random starts differ)."""
-    args = ["builtin:digits-cnn", "--defence", "fgsm-rs", "--epochs", "4", "--json", *FAST]
+    process's (the global batches are the same; only random starts differ). atta, because its
+    per-sample perturbations must follow the samples from one process to the other."""
+    args = ["builtin:digits-cnn", "--defence", "atta", "--epochs", "4", "--json", *FAST]
     single = harden(*args, "--out", tmp_path / "one")
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTKIT_NO_PROGRESS": "1"}
@@ -198,3 +200,7 @@ def test_torchrun_two_processes_match_one_in_quality(host: Any, tmp_path: Path) 
     assert abs(two["after"]["clean_accuracy"] - one["after"]["clean_accuracy"]) <= 0.05
     log = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
     assert len(log) == two["epochs_run"] == 4  # one writer, no duplicated lines
+    # both processes hold every training sample's perturbation, the same ones
+    ranks = checkpoint.load(tmp_path / "two" / checkpoint.FILENAME)["ranks"]
+    carried = [r["carry"]["perturbation"] for r in ranks]
+    assert not carried[0].isnan().any() and torch.equal(carried[0], carried[1])

@@ -22,6 +22,7 @@ from robustkit.attacks.native import ascent_step, random_start
 from robustkit.data import Dataset
 from robustkit.defences import Defence, DefenceResult
 from robustkit.errors import RobustkitError
+from robustkit.harden import distributed as ddp
 from robustkit.harden.config import Precision, RunConfig, TrainingParams
 from robustkit.harden.engine import Step, StepContext, adversarial_step, train
 from robustkit.modules import eval_mode
@@ -216,8 +217,9 @@ class ATTA(TrainingDefence):
     after k epochs a sample has had k steps, as from a k-step PGD, at the cost of fgsm-rs
     (two forward-backward passes per batch). The perturbations (one per training sample, the
     size of the training split) live on the data's device and go into every checkpoint, so a
-    resumed run continues them. Under torchrun each process keeps its own: a sample that moves
-    to another process between epochs starts again from a random point there.
+    resumed run continues them. Under torchrun the processes exchange their batches'
+    perturbations after each step (an all-gather the size of a batch), so each holds them all
+    and a sample keeps its attack when the sampler deals it to another process.
     """
 
     name = "atta"
@@ -243,7 +245,10 @@ class ATTA(TrainingDefence):
                 for _ in range(p.steps):
                     grad = ctx.input_gradient(x_adv, _cross_entropy_sum(y))
                     x_adv = threat.project(x, x_adv + ascent_step(grad, threat.norm, p.step_factor * threat.eps))
-            store[ctx.batch_index] = x_adv - x
+            index, delta = ctx.batch_index, x_adv - x
+            if ctx.world.enabled:  # every process keeps every sample's perturbation
+                index, delta = ddp.gather_tensors(index, ctx.world), ddp.gather_tensors(delta, ctx.world)
+            store[index] = delta
             return x_adv
 
         return adversarial_step(ctx, perturb)

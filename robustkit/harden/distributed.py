@@ -59,6 +59,17 @@ def gather(obj: Any, world: DistContext) -> list[Any]:
     return gathered
 
 
+def gather_tensors(tensor: torch.Tensor, world: DistContext) -> torch.Tensor:
+    """Every rank's ``tensor`` (the same shape on each), concatenated in rank order, on every
+    rank and on ``tensor``'s device (itself in one process)."""
+    if not world.enabled:
+        return tensor
+    wire = _on_wire(tensor.contiguous())
+    parts = [torch.empty_like(wire) for _ in range(world.world_size)]
+    dist.all_gather(parts, wire)
+    return torch.cat(parts).to(tensor.device)
+
+
 def barrier(world: DistContext) -> None:
     if world.enabled:
         dist.barrier()
