@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from robustkit.errors import RobustkitError
     from robustkit.evaluate import Evaluation, NamedAttack, evaluate
     from robustkit.exporters import Exporter, ExportResult
+    from robustkit.harden.config import TrainingParams
+    from robustkit.harden.defences import TrainingDefence
+    from robustkit.harden.engine import StepContext, adversarial_step
     from robustkit.hookspecs import hookimpl
     from robustkit.host import Host, get_host
     from robustkit.loading import LoadedModel, LoadOptions, load_model
@@ -48,7 +51,11 @@ _EXPORTS = {
     "ProviderRegistry": "robustkit.registry",
     "ReportSection": "robustkit.report",
     "RobustkitError": "robustkit.errors",
+    "StepContext": "robustkit.harden.engine",
     "ThreatModel": "robustkit.threat",
+    "TrainingDefence": "robustkit.harden.defences",
+    "TrainingParams": "robustkit.harden.config",
+    "adversarial_step": "robustkit.harden.engine",
     "eval_mode": "robustkit.modules",
     "evaluate": "robustkit.evaluate",
     "get_host": "robustkit.host",
@@ -61,8 +68,9 @@ _EXPORTS = {
 __all__ = [
     "Attack", "AttackResult", "Dataset", "Defence", "DefenceResult", "Evaluation", "ExportResult",
     "Exporter", "Host", "LoadOptions", "LoadedModel", "Model", "NamedAttack", "NoParams", "Norm",
-    "Normalized", "ProviderRegistry", "ReportSection", "RobustkitError", "ThreatModel", "__version__",
-    "eval_mode", "evaluate", "get_host", "hookimpl", "load_dataset", "load_model", "param",
+    "Normalized", "ProviderRegistry", "ReportSection", "RobustkitError", "StepContext", "ThreatModel",
+    "TrainingDefence", "TrainingParams", "__version__", "adversarial_step", "eval_mode", "evaluate",
+    "get_host", "hookimpl", "load_dataset", "load_model", "param",
 ]
 
 
