@@ -2,8 +2,8 @@
 engine (``robustkit.harden.engine``) does everything else.
 
 Cost per batch, in forward-backward passes: plain training 1; ``fgsm-rs`` and ``atta`` 2;
-``free`` 1 per replay (so the same as plain training per pass over the data); ``pgd-at`` K+1 (plus one
-forward to check the attack's examples); ``trades`` K+2.
+``free`` 1 per replay (so the same as plain training per pass over the data); ``pgd-at`` K+1
+(plus one forward to check the attack's examples); ``trades`` K+2.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class ATTA(TrainingDefence):
             assert ctx.batch_index is not None, "the engine sets batch_index before each step"
             store = ctx.carry.get("perturbation")
             if store is None or store.shape[1:] != x.shape[1:]:
-                # NaN marks a sample this process has not perturbed yet
+                # NaN marks a sample not perturbed yet
                 store = torch.full((ctx.train_size, *x.shape[1:]), float("nan"), device=x.device, dtype=x.dtype)
                 ctx.carry["perturbation"] = store
             carried = store[ctx.batch_index]
