@@ -30,6 +30,10 @@ from robustkit.modules import Model, fast_layout, predict_logits
 from robustkit.threat import ThreatModel
 
 NEVER = math.inf
+#: A gradient-free attack keeps no activations for a backward pass, so it takes batches this
+#: many times larger: fewer, fuller forward passes for its many queries, within the memory a
+#: gradient attack's batch needs.
+GRADIENT_FREE_BATCH_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -172,10 +176,11 @@ def _attack_subset(
 ) -> tuple[float, int]:
     """Attack ``x[todo]`` in batches; record newly broken samples at ``threat.eps``."""
     seconds, rejected = 0.0, 0
-    for number, start in enumerate(range(0, todo.numel(), batch_size)):
+    size = batch_size if attack.needs_gradients else batch_size * GRADIENT_FREE_BATCH_FACTOR
+    for number, start in enumerate(range(0, todo.numel(), size)):
         if number % dist_ctx.world_size != dist_ctx.rank:
             continue
-        index = todo[start : start + batch_size]
+        index = todo[start : start + size]
         xb, yb = x[index].to(device), y[index].to(device)
         result = attack(model, xb, yb, threat=threat)
         seconds += result.seconds

@@ -16,14 +16,16 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
+from robustkit.attacks.base import Attack
 from robustkit.attacks.native import FGSM, PGD
 from robustkit.audit import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
+from robustkit.evaluate import GRADIENT_FREE_BATCH_FACTOR, NamedAttack, evaluate
 from robustkit.loading import LoadOptions
 from robustkit.report import REQUIRED_KEYS
 from robustkit.testing import trained_digits_model
-from robustkit.threat import ThreatModel
+from robustkit.threat import Norm, ThreatModel
 
 EPS = (0.05, 0.1)
 FAST = (("pgd.steps", "10"), ("square.queries", "300"))
@@ -92,6 +94,37 @@ def test_cascade_worst_case_matches_per_attack_and_costs_less(weights):
         assert abs(a["robust_accuracy"] - b["robust_accuracy"]) <= 0.02
     attacked = lambda r: sum(row["attacked"] for row in r["results"])  # noqa: E731
     assert attacked(cascade) < attacked(full)
+
+
+class BatchLog(Attack):
+    """Records the batch sizes the engine hands it; changes nothing."""
+
+    name = "batch-log"
+    norms = frozenset({Norm.LINF})
+
+    def __init__(self, needs_gradients: bool) -> None:
+        super().__init__()
+        self.needs_gradients = needs_gradients
+        self.sizes: list[int] = []
+
+    def run(self, model, x, labels, threat):
+        self.sizes.append(len(x))
+        return x
+
+
+def test_gradient_free_attacks_get_larger_batches():
+    model, data = trained_digits_model("cnn"), load_digits()
+    x, y = data.x[:100], data.y[:100]
+    white, black = BatchLog(needs_gradients=True), BatchLog(needs_gradients=False)
+    evaluation = evaluate(model, x, y, [NamedAttack("white", white), NamedAttack("black", black)],
+                          [ThreatModel.parse("linf:0.1")], batch_size=16)
+    standing = int(evaluation.clean_correct.sum())  # clean mistakes are not attacked
+
+    def batches(size: int) -> list[int]:
+        return [min(size, standing - start) for start in range(0, standing, size)]
+
+    assert white.sizes == batches(16)
+    assert black.sizes == batches(16 * GRADIENT_FREE_BATCH_FACTOR)
 
 
 def test_checks_flag_a_gradient_masked_model(tmp_path):
