@@ -216,10 +216,11 @@ class ATTA(TrainingDefence):
     little between epochs, so the examples keep their strength and the attack accumulates:
     after k epochs a sample has had k steps, as from a k-step PGD, at the cost of fgsm-rs
     (two forward-backward passes per batch). The perturbations (one per training sample, the
-    size of the training split) live on the data's device and go into every checkpoint, so a
-    resumed run continues them. Under torchrun the processes exchange their batches'
-    perturbations after each step (an all-gather the size of a batch), so each holds them all
-    and a sample keeps its attack when the sampler deals it to another process.
+    size of the training split) live with the training data, on the device when it fits there
+    and on the host otherwise, and go into every checkpoint, so a resumed run continues them.
+    Under torchrun the processes exchange their batches' perturbations after each step (an
+    all-gather the size of a batch), so each holds them all and a sample keeps its attack when
+    the sampler deals it to another process.
     """
 
     name = "atta"
@@ -233,12 +234,15 @@ class ATTA(TrainingDefence):
 
         def perturb(x: Tensor, y: Tensor) -> Tensor:
             assert ctx.batch_index is not None, "the engine sets batch_index before each step"
+            home = ctx.batch_index.device  # where the training data lives
             store = ctx.carry.get("perturbation")
             if store is None or store.shape[1:] != x.shape[1:]:
                 # NaN marks a sample not perturbed yet
-                store = torch.full((ctx.train_size, *x.shape[1:]), float("nan"), device=x.device, dtype=x.dtype)
+                store = torch.full((ctx.train_size, *x.shape[1:]), float("nan"), device=home, dtype=x.dtype)
                 ctx.carry["perturbation"] = store
-            carried = store[ctx.batch_index]
+            elif store.device != home:  # a resumed run restores carried state on the training device
+                store = ctx.carry["perturbation"] = store.to(home)
+            carried = store[ctx.batch_index].to(x.device, non_blocking=True)
             fresh = random_start(x, threat, ctx.generator)
             x_adv = torch.where(torch.isnan(carried), fresh, threat.project(x, x + carried.nan_to_num()))
             with eval_mode(ctx.craft):
@@ -248,7 +252,7 @@ class ATTA(TrainingDefence):
             index, delta = ctx.batch_index, x_adv - x
             if ctx.world.enabled:  # every process keeps every sample's perturbation
                 index, delta = ddp.gather_tensors(index, ctx.world), ddp.gather_tensors(delta, ctx.world)
-            store[index] = delta
+            store[index] = delta.to(home)
             return x_adv
 
         return adversarial_step(ctx, perturb)

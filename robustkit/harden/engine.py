@@ -90,8 +90,9 @@ class StepContext:
     world: DistContext
     train_size: int  #: samples in the training split: per-sample state is indexed by position in it
     carry: dict[str, Tensor] = field(default_factory=dict)  #: state kept across batches (checkpointed)
-    #: Positions in the training split of the batch being stepped on (on the batch's device);
-    #: set by the engine before each step, for defences that keep per-sample state.
+    #: Positions in the training split of the batch being stepped on, on the device that holds
+    #: the training data (the training device when it fits there, else the host): per-sample
+    #: state belongs there too. Set by the engine before each step.
     batch_index: Tensor | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -233,7 +234,7 @@ class Batches:
             yield (
                 xb.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
                 yb.to(self.device, non_blocking=True),
-                index.to(self.device, non_blocking=True),
+                index,  # stays with the data, on the host
             )
 
 
