@@ -8,8 +8,11 @@ its own host with entry points on purpose.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,3 +102,25 @@ def register_attacks(host: Host) -> Callable[..., PluginRecord]:
         return host.register(attack_plugin(*classes), name, provider=provider)
 
     return register
+
+
+@pytest.fixture
+def run_robustkit() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``python -m robustkit ARGS`` in a subprocess, or with ``processes=N`` under ``torchrun
+    --standalone --nproc_per_node=N`` (gloo on the CPU); one torch thread per process, so
+    that N processes fit on the cores. ``env`` replaces the inherited environment."""
+
+    def run(
+        *args: str | Path, processes: int = 1, env: dict[str, str] | None = None, timeout: int = 600
+    ) -> subprocess.CompletedProcess[str]:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        return subprocess.run(
+            [sys.executable, *(launcher if processes > 1 else []), "-m", "robustkit", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", "ROBUSTKIT_NO_PROGRESS": "1"},
+            timeout=timeout,
+            check=False,
+        )
+
+    return run

@@ -4,8 +4,6 @@ the report files, interruption, distributed sharding and one-line errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -238,7 +236,7 @@ def test_wrong_input_shape_is_one_line_error(weights, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_single_process(weights, tmp_path):
+def test_torchrun_two_processes_equal_single_process(weights, tmp_path, run_robustkit):
     common = [
         "audit",
         str(weights),
@@ -259,37 +257,10 @@ def test_torchrun_two_processes_equal_single_process(weights, tmp_path):
         "16",
         "--no-checks",
     ]
-    env = {
-        "ROBUSTKIT_DISABLE_PLUGINS": "art,torchattacks",
-        "OMP_NUM_THREADS": "1",
-        "PATH": "/usr/bin:/bin",
-    }
-    single = subprocess.run(
-        [sys.executable, "-m", "robustkit", *common, "--out", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    env = {"ROBUSTKIT_DISABLE_PLUGINS": "art,torchattacks", "PATH": "/usr/bin:/bin"}
+    single = run_robustkit(*common, "--out", tmp_path / "one", env=env)
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29533",
-            "-m",
-            "robustkit",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    multi = run_robustkit(*common, "--out", tmp_path / "two", processes=2, env=env)
     assert multi.returncode == 0, multi.stderr[-2000:]
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,34 +162,14 @@ def test_pgd_at_takes_a_plugin_attack_as_inner_maximiser(register_plugin: Any, t
     assert json.loads(result.output)["params"]["attack"] == "noise:sign-noise"
 
 
-def test_torchrun_two_processes_match_one_in_quality(host: Any, tmp_path: Path) -> None:
+def test_torchrun_two_processes_match_one_in_quality(host: Any, tmp_path: Path, run_robustkit: Any) -> None:
     """DDP on gloo with 2 CPU processes: rank 0 writes, and the result is as robust as one
     process's (the global batches are the same; only random starts differ). atta, because its
     per-sample perturbations must follow the samples from one process to the other."""
     args = ["builtin:digits-cnn", "--defence", "atta", "--epochs", "4", "--json", *FAST]
     single = harden(*args, "--out", tmp_path / "one")
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBUSTKIT_NO_PROGRESS": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "robustkit",
-            "harden",
-            *args,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-        check=False,
-    )
+    run = run_robustkit("harden", *args, "--out", tmp_path / "two", processes=2, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     two, one = json.loads(run.stdout), json.loads(single.output)  # only rank 0 printed
     assert two["world_size"] == 2 and one["world_size"] == 1
