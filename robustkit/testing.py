@@ -156,3 +156,10 @@ def attack_digits(attack: Attack, kind: str, eps: float, seed: int = 0) -> tuple
     torch.manual_seed(seed)
     x_adv = attack(model, data.x, data.y, threat=threat).x_adv
     return checked_robust_accuracy(model, data.x, data.y, x_adv, threat), x_adv
+
+
+def assert_close_to_builtin(wrapped: float, builtin: str, kind: str, eps: float, points: float, **params: Any) -> None:
+    """A wrapped attack's robust accuracy (``wrapped``, in %, from ``attack_digits``) is within
+    ``points`` of robustkit's own ``builtin`` attack with ``params`` on the same model and eps."""
+    native, _ = attack_digits(builtin_attack(builtin, **params), kind, eps)
+    assert abs(wrapped - native) <= points, (wrapped, native)
