@@ -21,22 +21,25 @@ compared), so that it still finishes in minutes.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from common import benchmark_setup, timed  # benchmarks/ is on sys.path when run as a script
+from common import (  # benchmarks/ is on sys.path when run as a script
+    EPS,
+    STEP,
+    STEPS,
+    arguments,
+    art_pgd,
+    benchmark_setup,
+    median_seconds,
+    torchattacks_pgd,
+)
 from torch import Tensor, nn
 
 from robustkit.attacks.native import PGD
 from robustkit.threat import Norm, ThreatModel
-
-EPS, STEPS = 8 / 255, 10
-STEP = 2.5 * EPS / STEPS  # native PGD's default step size, given to every implementation
 
 
 def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -52,23 +55,10 @@ def plain_pgd(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-
-    import torchattacks
-    from art.attacks.evasion import ProjectedGradientDescentPyTorch
-    from art.estimators.classification import PyTorchClassifier
-
+    args = arguments(__doc__.splitlines()[0], repeats=5)
     model, x, y = benchmark_setup(args.batch)
     threat = ThreatModel(Norm.LINF, EPS)
-    ta_pgd = torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=STEPS, random_start=True)
-    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(3, 32, 32), nb_classes=10,
-                                   clip_values=(0.0, 1.0))
-    art_pgd = ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS,
-                                              num_random_init=1, batch_size=args.batch, verbose=False)
+    ta_pgd, art = torchattacks_pgd(model), art_pgd(model, args.batch)
     x_np, y_np = x.numpy(), y.numpy()
     bf16_hardware = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     bf16_images = args.batch if bf16_hardware else min(args.batch, 16)
@@ -85,19 +75,13 @@ def main() -> None:
                         args.repeats if bf16_hardware else 1),
         "native fp32 early stop": (native(x, y), args.batch, args.repeats),
         "torchattacks fp32": (lambda: ta_pgd(x, y), args.batch, args.repeats),
-        "art fp32": (lambda: art_pgd.generate(x_np, y=y_np), args.batch, args.repeats),
+        "art fp32": (lambda: art.generate(x_np, y=y_np), args.batch, args.repeats),
         "plain loop fp32": (lambda: plain_pgd(model, x, y, None), args.batch, args.repeats),
         "plain loop bf16": (lambda: plain_pgd(model, xb, yb, torch.bfloat16), bf16_images,
                             args.repeats if bf16_hardware else 1),
     }
-    for fn, _, _ in runs.values():  # warm-up: kernel selection, allocator, lazy imports
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(args.repeats):  # interleaved, so that load changes hit every run alike
-        for name, (fn, _, repeats) in runs.items():
-            if repeat < repeats:
-                samples[name].append(timed(fn))
-    median = {name: statistics.median(values) for name, values in samples.items()}
+    median = median_seconds({name: fn for name, (fn, _, _) in runs.items()},
+                            {name: repeats for name, (_, _, repeats) in runs.items()})
     rate = {name: runs[name][1] / seconds for name, seconds in median.items()}
     reference = rate["torchattacks fp32"]
     ratios = {

@@ -14,44 +14,37 @@ Target: at most 5% over the direct call.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from common import benchmark_setup, timed  # benchmarks/ is on sys.path when run as a script
+from common import (  # benchmarks/ is on sys.path when run as a script
+    EPS,
+    STEP,
+    STEPS,
+    arguments,
+    art_pgd,
+    benchmark_setup,
+    median_seconds,
+    torchattacks_pgd,
+)
 
 from robustkit.host import Host
 from robustkit.threat import Norm, ThreatModel
 
-EPS, STEP, STEPS = 8 / 255, 2 / 255, 10
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-
-    import torchattacks
-    from art.attacks.evasion import ProjectedGradientDescentPyTorch
-    from art.estimators.classification import PyTorchClassifier
-
+    args = arguments(__doc__.splitlines()[0], repeats=7)
     model, x, y = benchmark_setup(args.batch)
     threat = ThreatModel(Norm.LINF, EPS)
     attacks = Host().attacks
     wrapped_ta = attacks.resolve("torchattacks:pgd").obj(steps=STEPS, step_size=STEP)
     wrapped_art = attacks.resolve("art:pgd").obj(steps=STEPS, step_size=STEP)
 
+    # Built inside each call, as the wrappers build theirs: like for like.
     def direct_art() -> np.ndarray:
-        classifier = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 32, 32),
-                                       nb_classes=10, clip_values=(0.0, 1.0))
-        attack = ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=EPS, eps_step=STEP, max_iter=STEPS,
-                                                 num_random_init=1, batch_size=args.batch, verbose=False)
-        return attack.generate(x.numpy(), y=y.numpy())
+        return art_pgd(model, args.batch).generate(x.numpy(), y=y.numpy())
 
     def judged(x_adv: torch.Tensor | np.ndarray) -> torch.Tensor:
         """What a direct caller runs to get robust accuracy, which the wrapper always computes."""
@@ -59,7 +52,7 @@ def main() -> None:
             return model(torch.as_tensor(x_adv)).argmax(1) != y
 
     def direct_ta() -> torch.Tensor:
-        return torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=STEPS)(x, y)
+        return torchattacks_pgd(model)(x, y)
 
     runs: dict[str, Callable[[], object]] = {
         "torchattacks direct": direct_ta,
@@ -69,13 +62,7 @@ def main() -> None:
         "art direct + judge": lambda: judged(direct_art()),
         "robustkit art:pgd": lambda: wrapped_art(model, x, y, threat=threat),
     }
-    for fn in runs.values():  # warm-up: kernel selection, allocator, lazy imports
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            samples[name].append(timed(fn))
-    median = {name: statistics.median(values) for name, values in samples.items()}
+    median = median_seconds(runs, dict.fromkeys(runs, args.repeats))
     result = {
         "batch": args.batch, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "median_seconds": median,
