@@ -130,43 +130,34 @@ def evaluate(
         raise RobustkitError("evaluate one norm at a time")
     threats = sorted(threats, key=lambda t: t.eps)
     device = torch.device(device)
-    # One weight swap for the whole run rather than one per attack call.
-    with fast_layout(model, x[:batch_size].to(device)):
-        return _run_stages(model, x, y, attacks, threats, batch_size, cascade, device, on_result, dist_ctx)
-
-
-def _run_stages(
-    model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack], threats: Sequence[ThreatModel],
-    batch_size: int, cascade: bool, device: torch.device, on_result: Callable[[Evaluation], None] | None,
-    dist_ctx: DistContext,
-) -> Evaluation:
-    clean_logits = predict_logits(model, x)
-    clean_correct = (clean_logits.argmax(1) == y.to(clean_logits.device)).cpu()
-    initial = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
-    outcomes = [
-        AttackOutcome(a.name, _params_dict(a.attack.params) if dataclasses.is_dataclass(a.attack.params)
-                      else {}, initial.clone()) for a in attacks
-    ]
-    evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)
-    total = sum(1 for _ in threats) * len(attacks)
-    try:
-        with progress() as bar:
-            task = bar.add_task("attacking", total=total)
-            for threat in threats:
-                for named, outcome in zip(attacks, outcomes):
-                    bar.update(task, description=f"{named.name} {threat}")
-                    standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
-                    todo = (standing == NEVER).nonzero().squeeze(1)
-                    seconds, rejected = _attack_subset(named.attack, model, x, y, todo, threat,
-                                                       outcome.broken_at, batch_size, device, dist_ctx)
-                    outcome.seconds[threat.eps] = seconds
-                    outcome.attacked[threat.eps] = int(todo.numel())
-                    outcome.rejected += rejected
-                    bar.advance(task)
-                    if on_result is not None:
-                        on_result(evaluation)
-    except KeyboardInterrupt:
-        evaluation.interrupted = True
+    with fast_layout(model, x[:batch_size].to(device)):  # one weight swap for the run, not one per call
+        clean_logits = predict_logits(model, x)
+        clean_correct = (clean_logits.argmax(1) == y.to(clean_logits.device)).cpu()
+        initial = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+        outcomes = [
+            AttackOutcome(a.name, _params_dict(a.attack.params) if dataclasses.is_dataclass(a.attack.params)
+                          else {}, initial.clone()) for a in attacks
+        ]
+        evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)
+        total = len(threats) * len(attacks)
+        try:
+            with progress() as bar:
+                task = bar.add_task("attacking", total=total)
+                for threat in threats:
+                    for named, outcome in zip(attacks, outcomes):
+                        bar.update(task, description=f"{named.name} {threat}")
+                        standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
+                        todo = (standing == NEVER).nonzero().squeeze(1)
+                        seconds, rejected = _attack_subset(named.attack, model, x, y, todo, threat,
+                                                           outcome.broken_at, batch_size, device, dist_ctx)
+                        outcome.seconds[threat.eps] = seconds
+                        outcome.attacked[threat.eps] = int(todo.numel())
+                        outcome.rejected += rejected
+                        bar.advance(task)
+                        if on_result is not None:
+                            on_result(evaluation)
+        except KeyboardInterrupt:
+            evaluation.interrupted = True
     return evaluation
 
 
