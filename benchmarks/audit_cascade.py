@@ -62,7 +62,8 @@ def naive(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dic
 def engine(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[float, float], Breakdown]:
     suite = [NamedAttack("fgsm", FGSM()), NamedAttack("pgd", PGD(steps=STEPS)),
              NamedAttack("square", Square(queries=QUERIES))]
-    evaluation = evaluate(model, x, y, suite, [ThreatModel(Norm.LINF, e) for e in EPS], cascade=True)
+    evaluation = evaluate(model, x, y, suite, [ThreatModel(Norm.LINF, e) for e in EPS], cascade=True,
+                          certify=True)
     spent = {o.name: {"seconds": sum(o.seconds.values()), "samples": float(sum(o.attacked.values()))}
              for o in evaluation.outcomes}
     return {eps: evaluation.worst_case(eps) for eps in EPS}, spent

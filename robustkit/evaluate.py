@@ -7,7 +7,12 @@ still change the answer.
 - in ``cascade`` mode (the worst case, as AutoAttack computes it) each further attack runs
   only on the samples that survived every earlier one, so put cheap attacks first;
 - every adversarial example is checked in fp32 (in the ball, in the bounds, finite) before it
-  counts, whatever the attack claims.
+  counts, whatever the attack claims;
+- with ``certify``, samples proven robust by bound propagation (``robustkit.certify``) are not
+  attacked at that eps: no attack can break them. Certificates are computed after the gradient
+  attacks and before the first gradient-free one: a certificate costs a few forward passes'
+  worth, less than a score-based attack's queries but more than FGSM or PGD, so it is spent
+  only on the samples the cheap attacks could not break.
 Per-sample results are kept, so robust accuracy is the mean over samples of the minimum over
 attacks, and the worst case can never be above any single attack.
 """
@@ -15,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 from robustkit.attacks.base import Attack
+from robustkit.certify import Certifier, Unsupported
 from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
@@ -34,6 +41,8 @@ NEVER = math.inf
 #: many times larger: fewer, fuller forward passes for its many queries, within the memory a
 #: gradient attack's batch needs.
 GRADIENT_FREE_BATCH_FACTOR = 4
+#: Samples certified first at each eps; if none is proven, certification stops there.
+CERTIFY_PILOT = 32
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,12 @@ class Evaluation:
     outcomes: list[AttackOutcome]
     cascade: bool
     interrupted: bool = False
+    #: (N,) smallest eps at which a sample was not proven robust (0 for clean mistakes; inf while
+    #: proven at every eps certified so far). Meaningful at the eps in ``certified_eps``.
+    uncertified_at: Tensor | None = None
+    certified_eps: list[float] = field(default_factory=list)
+    certify_seconds: dict[float, float] = field(default_factory=dict)
+    certification: str = "off"  #: how certificates were made, or why not
 
     @property
     def eps(self) -> list[float]:
@@ -83,6 +98,13 @@ class Evaluation:
 
     def worst_case(self, eps: float) -> float:
         return float((self.worst_broken_at() > eps).float().mean())
+
+    def certified_accuracy(self, eps: float) -> float | None:
+        """Share of samples proven robust at ``eps``: a lower bound on robust accuracy."""
+        if self.uncertified_at is None or eps not in self.certified_eps:
+            return None
+        proven = (self.uncertified_at > eps) & (self.worst_broken_at() > eps)
+        return float(proven.float().mean())
 
     def breaking_attack(self) -> list[str | None]:
         """Per sample, the first attack (in order) that broke it at the smallest eps."""
@@ -113,6 +135,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     on_result: Callable[[Evaluation], None] | None = None,
     dist_ctx: DistContext | None = None,
+    certify: bool = False,
 ) -> Evaluation:
     """Run every attack at every eps (ascending) on ``x``; see the module docstring.
 
@@ -139,21 +162,35 @@ def evaluate(
                           else {}, initial.clone()) for a in attacks
         ]
         evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)
+        certifier = _certifier(model, x, device, evaluation) if certify else None
         total = len(threats) * len(attacks)
         try:
             with progress() as bar:
                 task = bar.add_task("attacking", total=total)
                 for threat in threats:
+                    certified = False
                     for named, outcome in zip(attacks, outcomes):
+                        if certifier is not None and not certified and not named.attack.needs_gradients:
+                            bar.update(task, description=f"certifying {threat}")
+                            _certify(certifier, x, y, threat, evaluation, batch_size, device, dist_ctx)
+                            certified = True
+                            if on_result is not None:
+                                on_result(evaluation)
                         bar.update(task, description=f"{named.name} {threat}")
                         standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
-                        todo = (standing == NEVER).nonzero().squeeze(1)
+                        todo = (standing == NEVER) & _not_proven(evaluation, threat.eps)
+                        todo = todo.nonzero().squeeze(1)
                         seconds, rejected = _attack_subset(named.attack, model, x, y, todo, threat,
                                                            outcome.broken_at, batch_size, device, dist_ctx)
                         outcome.seconds[threat.eps] = seconds
                         outcome.attacked[threat.eps] = int(todo.numel())
                         outcome.rejected += rejected
                         bar.advance(task)
+                        if on_result is not None:
+                            on_result(evaluation)
+                    if certifier is not None and not certified:  # for the report's lower bound
+                        bar.update(task, description=f"certifying {threat}")
+                        _certify(certifier, x, y, threat, evaluation, batch_size, device, dist_ctx)
                         if on_result is not None:
                             on_result(evaluation)
         except KeyboardInterrupt:
@@ -168,10 +205,7 @@ def _attack_subset(
     """Attack ``x[todo]`` in batches; record newly broken samples at ``threat.eps``."""
     seconds, rejected = 0.0, 0
     size = batch_size if attack.needs_gradients else batch_size * GRADIENT_FREE_BATCH_FACTOR
-    for number, start in enumerate(range(0, todo.numel(), size)):
-        if number % dist_ctx.world_size != dist_ctx.rank:
-            continue
-        index = todo[start : start + size]
+    for index in _dealt(todo, size, dist_ctx):
         xb, yb = x[index].to(device), y[index].to(device)
         result = attack(model, xb, yb, threat=threat)
         seconds += result.seconds
@@ -183,3 +217,59 @@ def _attack_subset(
         broken_at[index[broken]] = threat.eps
     all_reduce_min_(broken_at, dist_ctx)
     return all_reduce_sum(seconds, dist_ctx), int(all_reduce_sum(rejected, dist_ctx))
+
+
+def _certifier(model: Model, x: Tensor, device: torch.device, evaluation: Evaluation) -> Certifier | None:
+    """A certifier for the model, or None with the reason recorded (nothing is skipped then)."""
+    evaluation.uncertified_at = torch.where(evaluation.clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+    try:
+        certifier = Certifier(model, tuple(x.shape[1:]), device)
+    except Unsupported as reason:
+        evaluation.certification = f"unsupported: {reason}"
+        evaluation.uncertified_at.zero_()
+        return None
+    evaluation.certification = "linear bound propagation (CROWN)"
+    return certifier
+
+
+def _not_proven(evaluation: Evaluation, eps: float) -> Tensor:
+    if evaluation.uncertified_at is None or eps not in evaluation.certified_eps:
+        return torch.ones(evaluation.n, dtype=torch.bool)
+    return evaluation.uncertified_at <= eps
+
+
+def _certify(
+    certifier: Certifier, x: Tensor, y: Tensor, threat: ThreatModel, evaluation: Evaluation,
+    batch_size: int, device: torch.device, dist_ctx: DistContext,
+) -> None:
+    """Try to prove robust, at ``threat.eps``, each sample still standing and proven at every smaller eps.
+
+    A sample that fails is not tried again at larger eps: bounds only loosen as the ball grows.
+    The first ``CERTIFY_PILOT`` candidates go first: when none of them is proven, the rest are
+    not tried (at this eps or larger), as a certificate costs more than it would save.
+    """
+    uncertified_at = evaluation.uncertified_at
+    assert uncertified_at is not None
+    candidates = ((uncertified_at == NEVER) & (evaluation.worst_broken_at() == NEVER)).nonzero().squeeze(1)
+    start_time = time.perf_counter()
+    pilot, rest = candidates[:CERTIFY_PILOT], candidates[CERTIFY_PILOT:]
+    for index in _dealt(pilot, batch_size, dist_ctx):
+        proven = certifier.certify(x[index].to(device), y[index].to(device), threat).cpu()
+        uncertified_at[index[~proven]] = threat.eps
+    all_reduce_min_(uncertified_at, dist_ctx)
+    if bool((uncertified_at[pilot] == NEVER).any()):
+        for index in _dealt(rest, batch_size, dist_ctx):
+            proven = certifier.certify(x[index].to(device), y[index].to(device), threat).cpu()
+            uncertified_at[index[~proven]] = threat.eps
+    else:
+        uncertified_at[rest] = threat.eps
+    all_reduce_min_(uncertified_at, dist_ctx)
+    evaluation.certify_seconds[threat.eps] = all_reduce_sum(time.perf_counter() - start_time, dist_ctx)
+    evaluation.certified_eps.append(threat.eps)
+
+
+def _dealt(samples: Tensor, size: int, dist_ctx: DistContext) -> Iterator[Tensor]:
+    """This rank's batches of ``samples``: batches of ``size``, dealt out round-robin over ranks."""
+    for number, start in enumerate(range(0, samples.numel(), size)):
+        if number % dist_ctx.world_size == dist_ctx.rank:
+            yield samples[start : start + size]
