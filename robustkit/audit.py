@@ -7,6 +7,7 @@ engine, runs the sanity checks and writes the report. Partial results are writte
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ class AuditConfig:
     check_samples: int = 128
     run_checks: bool = True
     black_box: bool = False  #: attack through scores only (an ONNX model: onnxruntime, no conversion)
+    certify: bool = True  #: prove samples robust by bound propagation and skip them (robustkit.certify)
     out: Path | None = None
 
 
@@ -182,7 +184,8 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
                             "scope": "cumulative" if config.mode == "cascade" else "single attack",
                             "params": outcome.params})
     completed = [e for e in evaluation.eps if all(e in o.seconds for o in evaluation.outcomes)]
-    worst = [{"norm": config.norm.value, "eps": e, **accuracy_with_ci(evaluation.worst_case(e), n)} for e in completed]
+    worst = [{"norm": config.norm.value, "eps": e, **accuracy_with_ci(evaluation.worst_case(e), n),
+              **_certified(evaluation, e)} for e in completed]
     clean = evaluation.clean_accuracy
     return {
         "schema_version": SCHEMA_VERSION,
@@ -198,6 +201,8 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
         "attack_access": "white-box (gradients)" if loaded.white_box else "black-box (scores only)",
         "results": results,
         "worst_case": worst,
+        "certification": {"method": evaluation.certification,
+                          "seconds": round(sum(evaluation.certify_seconds.values()), 4)},
         "checks": [c.as_dict() for c in found_checks],
         "model": loaded.describe(),
         "data": {**data.describe(), "limit": config.limit},
@@ -207,12 +212,28 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
     }
 
 
+def _certified(evaluation: Evaluation, eps: float) -> dict[str, Any]:
+    """The certified accuracy (a proven lower bound) at ``eps``, with its interval, when computed."""
+    certified = evaluation.certified_accuracy(eps)
+    if certified is None:
+        return {"certified_accuracy": None, "certified_ci95": None}
+    bounds = accuracy_with_ci(certified, evaluation.n)
+    return {"certified_accuracy": bounds["robust_accuracy"], "certified_ci95": bounds["ci95"]}
+
+
 def per_sample_rows(data: Dataset, evaluation: Evaluation) -> list[dict[str, Any]]:
     worst = evaluation.worst_broken_at()
     by = evaluation.breaking_attack()
+    proven = evaluation.proven_to()
     return [{"index": i, "label": int(data.y[i]), "clean_correct": bool(evaluation.clean_correct[i]),
-             "broken_at_eps": "" if float(worst[i]) == NEVER else float(worst[i]), "broken_by": by[i] or ""}
+             "broken_at_eps": _eps_cell(float(worst[i]), NEVER), "broken_by": by[i] or "",
+             "proven_robust_to_eps": _eps_cell(float(proven[i]), 0.0)}
             for i in range(evaluation.n)]
+
+
+def _eps_cell(value: float, empty: float) -> str | float:
+    """An eps for the CSV: blank for ``empty``; else rounded, as eps are stored in float32."""
+    return "" if value == empty else float(f"{value:.6g}")
 
 
 def _pick(suite: list[NamedAttack], predicate: Any) -> NamedAttack | None:
@@ -232,6 +253,8 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
                                 fgsm, iterative, free, num_classes, config.batch_size)
     found = [checks.determinism(model, data.x), checks.outputs(output_check),
              checks.gradients(model, x_sub, y_sub), checks.validity(evaluation),
+             checks.certificates_hold(model, data.x, data.y, evaluation, iterative, config.check_samples,
+                                      config.batch_size),
              checks.gradient_free_vs_white_box(evaluation, {a.name for a in suite if not a.attack.needs_gradients}),
              checks.confidence(evaluation, worst)]
     if len(x_sub):
@@ -272,14 +295,13 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     def save_partial(evaluation: Evaluation) -> None:
         if writes_files:
             assert config.out is not None
-            evaluation_copy = Evaluation(evaluation.threats, evaluation.clean_correct, evaluation.outcomes,
-                                         evaluation.cascade, interrupted=True)
+            evaluation_copy = dataclasses.replace(evaluation, interrupted=True)
             partial["report"] = build_report(config, loaded, data, evaluation_copy, [], suite, started)
             write_report(partial["report"], config.out, render=False)
 
     evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
                           cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
-                          dist_ctx=dist_ctx)
+                          dist_ctx=dist_ctx, certify=config.certify)
     report = build_report(config, loaded, data, evaluation, [], suite, started)
     if not evaluation.interrupted and config.run_checks and dist_ctx.is_main:
         found = run_checks(config, loaded.model, data, evaluation, suite, output_check, report["worst_case"],

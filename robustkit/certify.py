@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_input
+from torch.nn.modules.utils import _pair
 
 from robustkit.modules import Model, Normalized, eval_mode
 from robustkit.threat import Norm, ThreatModel
@@ -39,6 +41,8 @@ from robustkit.threat import Norm, ThreatModel
 _SIGNED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 #: Affine layers with a non-negative Jacobian: they map lower bounds to lower bounds.
 _MONOTONE = (nn.Flatten, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout)
+#: Every class the certifier knows, so that a subclass with its own forward is refused.
+_KNOWN = (nn.Sequential, Normalized, *_SIGNED, *_MONOTONE, nn.ReLU, nn.MaxPool2d)
 #: Largest input (values per sample) the forward bounds take on: their cost grows with it.
 MAX_INPUT_SIZE = 4096
 #: Entries of the largest bound tensor held at once; samples are taken in chunks below it.
@@ -63,6 +67,10 @@ class _Standardize(nn.Module):
 
 
 def _leaves(module: nn.Module) -> Iterator[nn.Module]:
+    # a subclass that overrides forward computes something else than the layer bounded here
+    if any(isinstance(module, cls) and type(module).forward is not cls.forward for cls in _KNOWN):
+        raise Unsupported(f"{type(module).__name__} overrides its layer's forward; only the torch layers "
+                          "themselves are supported")
     if isinstance(module, nn.Sequential):
         for child in module:
             yield from _leaves(child)
@@ -126,7 +134,7 @@ class _PoolRelaxation:
     largest upper bound, a constant.
     """
 
-    size: int | tuple[int, ...]
+    size: tuple[int, int]
     index: Tensor  #: (N, C, Ho, Wo) flat position of the chosen input in its plane
     dominates: Tensor
     top_high: Tensor
@@ -134,7 +142,7 @@ class _PoolRelaxation:
 
     @classmethod
     def of(cls, layer: nn.MaxPool2d, low: Tensor, high: Tensor) -> _PoolRelaxation:
-        size = layer.kernel_size
+        size = _pair(layer.kernel_size)
         top_low, index = F.max_pool2d(low, size, size, return_indices=True)
         others = high.flatten(2).scatter(2, index.flatten(2), -math.inf).view_as(high)
         dominates = top_low >= F.max_pool2d(others, size, size)
@@ -168,8 +176,8 @@ def _affine_backward(layer: _Layer, lam: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return lam @ module.weight
     if isinstance(module, nn.Conv2d) and not isinstance(module.padding, str):
-        return torch.nn.grad.conv2d_input((len(lam), *layer.in_shape), module.weight, lam, module.stride,
-                                          module.padding, module.dilation, module.groups)
+        return conv2d_input((len(lam), *layer.in_shape), module.weight, lam, module.stride,
+                            module.padding, module.dilation, module.groups)
     zeros = torch.zeros((len(lam), *layer.in_shape), dtype=lam.dtype, device=lam.device, requires_grad=True)
     with torch.enable_grad():  # exact for an affine map: its vector-Jacobian product anywhere
         (grad,) = torch.autograd.grad(module(zeros), zeros, lam)
@@ -212,9 +220,11 @@ class Certifier:
             raise Unsupported(f"the {threat.norm.value} norm is not supported (linf and l2 only)")
         x = x.float().contiguous()
         step = max(1, _CHUNK_ENTRIES // ((self.input_size + 1) * self.widest))
+        if not len(x):
+            return x.new_zeros(0, len(self.layers[-1].bias))
         with eval_mode(self.model):
             return torch.cat([self._margin_bounds(x[i:i + step], y[i:i + step], threat)
-                              for i in range(0, len(x), step)]) if len(x) else x.new_zeros(0, 0)
+                              for i in range(0, len(x), step)])
 
     def _margin_bounds(self, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         relaxations = self._forward_relaxations(x, threat)
@@ -258,7 +268,7 @@ class Certifier:
         mid = torch.eye(d + 1, d, device=x.device).view(1, d + 1, *x.shape[1:]).expand(n, -1, *x.shape[1:])
         half: Tensor | None = None
         relaxations: list[_ReluRelaxation | _PoolRelaxation | None] = []
-        for layer in self.layers[:-1]:
+        for layer in self.layers:  # the last one too: a model may end in a nonlinearity
             module = layer.module
             if isinstance(module, (nn.ReLU, nn.MaxPool2d)):
                 lower, upper = (mid, mid) if half is None else (mid - half, mid + half)
@@ -280,7 +290,6 @@ class Certifier:
             else:
                 mid, half = self._affine_forward(layer, mid, half)
                 relaxations.append(None)
-        relaxations.append(None)
         return relaxations
 
     @staticmethod

@@ -222,6 +222,36 @@ def validity(evaluation: Evaluation) -> Check:
     return Check("valid examples", "warn", f"examples rejected by the fp32 check and not counted ({listing})")
 
 
+def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation, iterative: NamedAttack | None,
+                      samples: int, batch_size: int) -> Check:
+    """Attack samples the certifier proved robust, at the largest eps it proved any: none may fall.
+
+    The engine skips proven samples, so a wrong certificate would inflate robust accuracy
+    silently; this is the independent test of the proofs the audit relied on.
+    """
+    name = "certificates hold"
+    if evaluation.uncertified_at is None:
+        return Check(name, "pass", "certification off (--no-certify): every sample was attacked")
+    if evaluation.certification.startswith("unsupported"):
+        return Check(name, "pass", f"no certificates ({evaluation.certification}): every sample was attacked")
+    proven_to = evaluation.proven_to()
+    if not bool((proven_to > 0).any()):
+        return Check(name, "pass", "no sample was proven robust at any eps: every sample was attacked")
+    if iterative is None:
+        return Check(name, "warn", "not checked: no iterative white-box attack in the suite")
+    eps = float(proven_to.max())
+    index = (proven_to >= eps).nonzero().squeeze(1)[:samples]
+    threat = evaluation.threats[0].with_eps(eps)
+    inputs = CheckInputs(model, x[index], y[index], threat, [eps], None, iterative, None, 0, batch_size)
+    standing = _robust_accuracy(inputs, iterative.attack, threat)
+    broken = int((~standing).sum())
+    detail = (f"{iterative.name} at eps {eps:g} broke {broken} of {len(index)} samples proven robust "
+              f"({evaluation.certification})")
+    if broken == 0:
+        return Check(name, "pass", detail)
+    return Check(name, "fail", detail + ": a certificate is wrong for this model; rerun with --no-certify")
+
+
 def clean_subset(model: Model, x: Tensor, y: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
     """Up to ``size`` clean-correct samples, chosen with a fixed seed."""
     correct = (predict_logits(model, x).argmax(1).cpu() == y.cpu()).nonzero().squeeze(1)

@@ -106,6 +106,15 @@ class Evaluation:
         proven = (self.uncertified_at > eps) & (self.worst_broken_at() > eps)
         return float(proven.float().mean())
 
+    def proven_to(self) -> Tensor:
+        """Per sample, the largest certified eps at which it was proven robust (0 if none)."""
+        proven = torch.zeros(self.n, dtype=torch.float64)
+        if self.uncertified_at is not None:
+            for eps in self.certified_eps:
+                proven = torch.where((self.uncertified_at > eps) & (self.worst_broken_at() > eps),
+                                     torch.tensor(eps, dtype=torch.float64), proven)
+        return proven
+
     def breaking_attack(self) -> list[str | None]:
         """Per sample, the first attack (in order) that broke it at the smallest eps."""
         stacked = torch.stack([o.broken_at for o in self.outcomes])

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 #: Keys every report.json carries (tests check the schema against this).
 REQUIRED_KEYS = ("schema_version", "complete", "clean_accuracy", "clean_ci95", "n", "threat", "mode",
-                 "results", "worst_case", "checks", "model", "data", "environment")
+                 "results", "worst_case", "certification", "checks", "model", "data", "environment")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,10 @@ def plot_png(report: dict[str, Any]) -> bytes:
         high = [100 * clean] + [100 * r["ci95"][1] for r in rows]
         ax.plot(eps, worst, color="black", linewidth=2.4, label="worst case")
         ax.fill_between(eps, low, high, color="black", alpha=0.12, label="worst case 95% CI")
+        proven = _certified_rows(report)
+        if proven:
+            ax.plot([0.0] + [r["eps"] for r in proven], [100 * clean] + [100 * r["certified_accuracy"] for r in proven],
+                    color="black", linestyle="--", linewidth=1.6, label="certified (proven lower bound)")
     ax.set_xlabel(f"eps ({report['threat']['norm']}, input units)")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
@@ -115,6 +119,17 @@ def plot_png(report: dict[str, Any]) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _certified_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Worst-case rows that carry a certified accuracy (a proof-backed lower bound)."""
+    rows = [r for r in report["worst_case"] if r.get("certified_accuracy") is not None]
+    return sorted(rows, key=lambda r: r["eps"])
+
+
+def _certification_line(report: dict[str, Any]) -> str:
+    certification = report.get("certification", {})
+    return f"certification: {certification.get('method', 'off')} ({certification.get('seconds', 0):.2f} s)"
 
 
 def _banners(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -138,6 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model: {report['model']['format']}, sha256 `{report['model']['sha256'][:16]}...`, "
         f"attacked {report['attack_access']}",
         f"- clean accuracy: {_pct(report['clean_accuracy'])} {_ci(report['clean_ci95'])}",
+        f"- {_certification_line(report)}",
         "",
         "| attack | eps | robust accuracy | 95% CI | seconds |",
         "|---|---|---|---|---|",
@@ -147,6 +163,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"| {row['seconds']:.2f} |")
     for row in report["worst_case"]:
         lines.append(f"| **worst case** | {row['eps']:g} | **{_pct(row['robust_accuracy'])}** | {_ci(row['ci95'])} | |")
+    for row in _certified_rows(report):
+        lines.append(f"| certified (proven) | {row['eps']:g} | {_pct(row['certified_accuracy'])} "
+                     f"| {_ci(row['certified_ci95'])} | |")
     lines += ["", "## Checks", "", "| check | status | detail |", "|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['detail']} |" for c in report["checks"]]
     for section in report.get("sections", []):
@@ -167,6 +186,9 @@ def render_html(report: dict[str, Any], png: bytes) -> str:
     ) + "".join(
         f"<tr class=worst><td>worst case</td><td>{r['eps']:g}</td><td>{_pct(r['robust_accuracy'])}</td>"
         f"<td>{_ci(r['ci95'])}</td><td></td></tr>" for r in report["worst_case"]
+    ) + "".join(
+        f"<tr><td>certified (proven)</td><td>{r['eps']:g}</td><td>{_pct(r['certified_accuracy'])}</td>"
+        f"<td>{_ci(r['certified_ci95'])}</td><td></td></tr>" for r in _certified_rows(report)
     )
     check_rows = "".join(
         f'<tr><td>{esc(c["name"])}</td><td style="color:{colours.get(c["status"], "#000")}">{esc(c["status"])}'
@@ -190,7 +212,8 @@ tr.worst{{font-weight:bold}}code{{font-size:.9em}}
 <code>{esc(report['model']['sha256'][:16])}...</code>, attacked {esc(report['attack_access'])}) on
 <code>{esc(str(report['data'].get('source', report['data'].get('name'))))}</code>, n = {report['n']},
 threat {esc(report['threat']['norm'])}, mode {esc(report['mode'])}.</p>
-<p>clean accuracy <b>{_pct(report['clean_accuracy'])}</b> {_ci(report['clean_ci95'])}</p>
+<p>clean accuracy <b>{_pct(report['clean_accuracy'])}</b> {_ci(report['clean_ci95'])};
+{esc(_certification_line(report))}</p>
 <img alt="robust accuracy against eps" src="data:image/png;base64,{image}">
 <h2>Robust accuracy</h2>
 <table><tr><th>attack</th><th>eps</th><th>robust accuracy</th><th>95% CI</th><th>seconds</th></tr>{result_rows}</table>
@@ -205,7 +228,8 @@ schema {esc(report['schema_version'])}</small></p>
 
 def write_per_sample(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["index", "label", "clean_correct", "broken_at_eps", "broken_by"])
+    writer = csv.DictWriter(buffer, fieldnames=["index", "label", "clean_correct", "broken_at_eps", "broken_by",
+                                                  "proven_robust_to_eps"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buffer.getvalue())

@@ -163,13 +163,17 @@ def test_report_files_schema_and_html(weights, tmp_path):
     assert document["results"] == on_disk["results"]
     for key in REQUIRED_KEYS:
         assert key in document, key
-    assert document["schema_version"] == "1.0" and document["complete"] is True
+    assert document["schema_version"] == "1.1" and document["complete"] is True
     for row in document["results"]:
         assert {"attack", "norm", "eps", "robust_accuracy", "ci95", "seconds", "params"} <= set(row)
         assert row["ci95"][0] <= row["robust_accuracy"] <= row["ci95"][1]
     for row in document["worst_case"]:
-        assert {"norm", "eps", "robust_accuracy", "ci95"} <= set(row)
+        assert {"norm", "eps", "robust_accuracy", "ci95", "certified_accuracy", "certified_ci95"} <= set(row)
+        assert 0 <= row["certified_accuracy"] <= row["robust_accuracy"]
+    assert document["worst_case"][0]["certified_accuracy"] > 0.3  # the plain digits CNN is provable at 0.05
+    assert "CROWN" in document["certification"]["method"]
     assert all(c["status"] in ("pass", "warn", "fail") for c in document["checks"])
+    assert {c["name"]: c["status"] for c in document["checks"]}["certificates hold"] == "pass"
     assert len(document["model"]["sha256"]) == 64 and document["model"]["format"] == "safetensors"
 
     class Collector(HTMLParser):
@@ -185,7 +189,22 @@ def test_report_files_schema_and_html(weights, tmp_path):
     assert sum(1 for t, _ in parser.tags if t == "table") == 2
     rows = (out / "per_sample.csv").read_text().splitlines()
     assert rows[0].startswith("index,label,clean_correct") and len(rows) == 61
+    assert rows[0].endswith(",proven_robust_to_eps") and any(r.endswith(",0.05") for r in rows[1:])
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_certify_attacks_every_sample(weights):
+    settings = {"attacks": ("fgsm", "square"), "options": (("queries", "200"),), "run_checks": False, "limit": 60}
+    certified = audit(str(weights), **settings)
+    attacked = audit(str(weights), **settings, certify=False)
+    assert attacked["certification"]["method"] == "off"
+    assert all(row["certified_accuracy"] is None for row in attacked["worst_case"])
+
+    def square_attacked(report: dict) -> int:
+        return sum(r["attacked"] for r in report["results"] if r["attack"] == "robustkit:square")
+    assert square_attacked(certified) < square_attacked(attacked)
+    for proven, plain in zip(certified["worst_case"], attacked["worst_case"]):
+        assert proven["certified_accuracy"] <= plain["robust_accuracy"]
 
 
 def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch):

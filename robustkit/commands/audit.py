@@ -33,10 +33,13 @@ from robustkit.commands.common import load_options, model_options, option_pairs
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks (not recommended).")
 @click.option("--black-box", is_flag=True,
               help="Attack through scores only (an ONNX model in onnxruntime, without a torch conversion).")
+@click.option("--certify/--no-certify", default=True, show_default=True,
+              help="Prove samples robust by bound propagation (Sequential ReLU nets) and skip attacking them.")
 def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None,
           device: str, attacks: tuple[str, ...], threat: str, eps: str | None, options: tuple[tuple[str, str], ...],
           out: Path | None, as_json: bool, limit: int | None, batch_size: int, seed: int, precision: str,
-          mode: str, check_samples: int, no_checks: bool, black_box: bool) -> None:
+          mode: str, check_samples: int, no_checks: bool, black_box: bool,
+          certify: bool) -> None:
     """Measure MODEL's clean and robust accuracy, with checks that catch gradient masking."""
     from robustkit.audit import AuditConfig, parse_eps_list, run_audit
     from robustkit.threat import Norm
@@ -46,6 +49,7 @@ def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str |
         options=options, norm=Norm.parse(threat), eps=parse_eps_list(eps) if eps else (), limit=limit,
         batch_size=batch_size, seed=seed, precision=precision, mode=mode,  # type: ignore[arg-type]
         check_samples=check_samples, run_checks=not no_checks, black_box=black_box, out=out,
+        certify=certify,
     )
     report = run_audit(config)
     if as_json:
@@ -74,7 +78,13 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
     for row in report["worst_case"]:
         table.add_row("[bold]worst case", f"{row['eps']:g}", f"[bold]{100 * row['robust_accuracy']:.1f}%",
                       f"{100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}", "")
+    for row in report["worst_case"]:
+        if row.get("certified_accuracy") is not None:
+            table.add_row("certified (proven)", f"{row['eps']:g}", f"{100 * row['certified_accuracy']:.1f}%",
+                          f"{100 * row['certified_ci95'][0]:.1f}-{100 * row['certified_ci95'][1]:.1f}", "")
     stdout.print(table)
+    certification = report["certification"]
+    stdout.print(f"certification: {certification['method']} ({certification['seconds']:.1f} s)")
     for check in report["checks"]:
         colour = colours.get(check["status"], "white")
         stdout.print(f"[{colour}]{check['status']:>4}[/] {check['name']}: {check['detail']}")
