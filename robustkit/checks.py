@@ -230,7 +230,7 @@ def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation
     silently; this is the independent test of the proofs the audit relied on.
     """
     name = "certificates hold"
-    if evaluation.uncertified_at is None:
+    if evaluation.proven is None:
         return Check(name, "pass", "certification off (--no-certify): every sample was attacked")
     if evaluation.certification.startswith("unsupported"):
         return Check(name, "pass", f"no certificates ({evaluation.certification}): every sample was attacked")

@@ -47,9 +47,18 @@ def init_distributed(device: str = "cpu") -> DistContext:
 
 def all_reduce_min_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """In-place element-wise minimum over ranks (no-op in one process)."""
+    return _all_reduce_(tensor, ctx, dist.ReduceOp.MIN)
+
+
+def all_reduce_max_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place element-wise maximum over ranks (no-op in one process)."""
+    return _all_reduce_(tensor, ctx, dist.ReduceOp.MAX)
+
+
+def _all_reduce_(tensor: torch.Tensor, ctx: DistContext, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     if ctx.enabled:
         on_wire = tensor.cuda() if dist.get_backend() == "nccl" else tensor
-        dist.all_reduce(on_wire, op=dist.ReduceOp.MIN)
+        dist.all_reduce(on_wire, op=op)
         tensor.copy_(on_wire)
     return tensor
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from robustkit.attacks.base import Attack
 from robustkit.certify import Certifier, Unsupported
 from robustkit.console import progress
-from robustkit.distributed import DistContext, all_reduce_min_, all_reduce_sum
+from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model, fast_layout, predict_logits
 from robustkit.threat import ThreatModel
@@ -70,10 +70,11 @@ class Evaluation:
     outcomes: list[AttackOutcome]
     cascade: bool
     interrupted: bool = False
-    #: (N,) smallest eps at which a sample was not proven robust (0 for clean mistakes; inf while
-    #: proven at every eps certified so far). Meaningful at the eps in ``certified_eps``.
+    #: (N,) smallest eps at which proving a sample failed (0 for clean mistakes, inf if never);
+    #: no proof is tried at that eps or above. None when certification is off.
     uncertified_at: Tensor | None = None
-    certified_eps: list[float] = field(default_factory=list)
+    proven: Tensor | None = None  #: (N,) largest eps at which a sample was proven robust (0 if none)
+    certified_eps: list[float] = field(default_factory=list)  #: eps whose certification step ran
     certify_seconds: dict[float, float] = field(default_factory=dict)
     certification: str = "off"  #: how certificates were made, or why not
 
@@ -101,19 +102,13 @@ class Evaluation:
 
     def certified_accuracy(self, eps: float) -> float | None:
         """Share of samples proven robust at ``eps``: a lower bound on robust accuracy."""
-        if self.uncertified_at is None or eps not in self.certified_eps:
+        if self.proven is None or eps not in self.certified_eps:
             return None
-        proven = (self.uncertified_at > eps) & (self.worst_broken_at() > eps)
-        return float(proven.float().mean())
+        return float((self.proven >= eps).float().mean())
 
     def proven_to(self) -> Tensor:
-        """Per sample, the largest certified eps at which it was proven robust (0 if none)."""
-        proven = torch.zeros(self.n, dtype=torch.float64)
-        if self.uncertified_at is not None:
-            for eps in self.certified_eps:
-                proven = torch.where((self.uncertified_at > eps) & (self.worst_broken_at() > eps),
-                                     torch.tensor(eps, dtype=torch.float64), proven)
-        return proven
+        """Per sample, the largest eps at which it was proven robust (0 if none)."""
+        return self.proven.double() if self.proven is not None else torch.zeros(self.n, dtype=torch.float64)
 
     def breaking_attack(self) -> list[str | None]:
         """Per sample, the first attack (in order) that broke it at the smallest eps."""
@@ -176,15 +171,20 @@ def evaluate(
         try:
             with progress() as bar:
                 task = bar.add_task("attacking", total=total)
-                for threat in threats:
-                    certified = False
+
+                def certify_step(step: int) -> None:
+                    assert certifier is not None
+                    bar.update(task, description=f"certifying {threats[step]}")
+                    _certify(certifier, x, y, threats[step : step + 2], evaluation, batch_size, device, dist_ctx)
+                    if on_result is not None:
+                        on_result(evaluation)
+
+                for step, threat in enumerate(threats):
+                    certified = certifier is None
                     for named, outcome in zip(attacks, outcomes):
-                        if certifier is not None and not certified and not named.attack.needs_gradients:
-                            bar.update(task, description=f"certifying {threat}")
-                            _certify(certifier, x, y, threat, evaluation, batch_size, device, dist_ctx)
+                        if not certified and not named.attack.needs_gradients:
+                            certify_step(step)
                             certified = True
-                            if on_result is not None:
-                                on_result(evaluation)
                         bar.update(task, description=f"{named.name} {threat}")
                         standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
                         todo = (standing == NEVER) & _not_proven(evaluation, threat.eps)
@@ -197,11 +197,8 @@ def evaluate(
                         bar.advance(task)
                         if on_result is not None:
                             on_result(evaluation)
-                    if certifier is not None and not certified:  # for the report's lower bound
-                        bar.update(task, description=f"certifying {threat}")
-                        _certify(certifier, x, y, threat, evaluation, batch_size, device, dist_ctx)
-                        if on_result is not None:
-                            on_result(evaluation)
+                    if not certified:  # for the report's lower bound
+                        certify_step(step)
         except KeyboardInterrupt:
             evaluation.interrupted = True
     return evaluation
@@ -231,6 +228,7 @@ def _attack_subset(
 def _certifier(model: Model, x: Tensor, device: torch.device, evaluation: Evaluation) -> Certifier | None:
     """A certifier for the model, or None with the reason recorded (nothing is skipped then)."""
     evaluation.uncertified_at = torch.where(evaluation.clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+    evaluation.proven = torch.zeros(evaluation.n)
     try:
         certifier = Certifier(model, tuple(x.shape[1:]), device)
     except Unsupported as reason:
@@ -242,39 +240,54 @@ def _certifier(model: Model, x: Tensor, device: torch.device, evaluation: Evalua
 
 
 def _not_proven(evaluation: Evaluation, eps: float) -> Tensor:
-    if evaluation.uncertified_at is None or eps not in evaluation.certified_eps:
+    if evaluation.proven is None:
         return torch.ones(evaluation.n, dtype=torch.bool)
-    return evaluation.uncertified_at <= eps
+    return evaluation.proven < eps
 
 
 def _certify(
-    certifier: Certifier, x: Tensor, y: Tensor, threat: ThreatModel, evaluation: Evaluation,
+    certifier: Certifier, x: Tensor, y: Tensor, threats: Sequence[ThreatModel], evaluation: Evaluation,
     batch_size: int, device: torch.device, dist_ctx: DistContext,
 ) -> None:
-    """Try to prove robust, at ``threat.eps``, each sample still standing and proven at every smaller eps.
+    """Settle, at ``threats[0]``'s eps, which standing samples are proven robust, looking one eps ahead.
 
-    A sample that fails is not tried again at larger eps: bounds only loosen as the ball grows.
-    The first ``CERTIFY_PILOT`` candidates go first: when none of them is proven, the rest are
-    not tried (at this eps or larger), as a certificate costs more than it would save.
+    A proof at the next eps (``threats[1]``) covers this one too, as the balls are nested. So the
+    samples are tried there first, and only those that fail are tried again here; that proves
+    most of a robust model's samples once for two eps. A sample is never tried at or above an
+    eps where it failed, since bounds only loosen as the ball grows.
     """
-    uncertified_at = evaluation.uncertified_at
-    assert uncertified_at is not None
-    candidates = ((uncertified_at == NEVER) & (evaluation.worst_broken_at() == NEVER)).nonzero().squeeze(1)
+    uncertified_at, proven = evaluation.uncertified_at, evaluation.proven
+    assert uncertified_at is not None and proven is not None
     start_time = time.perf_counter()
+    for threat in reversed(threats):
+        wanted = (uncertified_at > threat.eps) & (proven < threat.eps) & (evaluation.worst_broken_at() == NEVER)
+        _prove(certifier, x, y, wanted.nonzero().squeeze(1), threat, evaluation, batch_size, device, dist_ctx)
+    evaluation.certify_seconds[threats[0].eps] = all_reduce_sum(time.perf_counter() - start_time, dist_ctx)
+    evaluation.certified_eps.append(threats[0].eps)
+
+
+def _prove(
+    certifier: Certifier, x: Tensor, y: Tensor, candidates: Tensor, threat: ThreatModel, evaluation: Evaluation,
+    batch_size: int, device: torch.device, dist_ctx: DistContext,
+) -> None:
+    """Try to prove ``candidates`` robust at ``threat.eps``; record proofs and failures.
+
+    The first ``CERTIFY_PILOT`` go first: when none of them is proven, the rest are marked failed
+    untried, as a certificate would cost more than it saves.
+    """
+    uncertified_at, proven = evaluation.uncertified_at, evaluation.proven
+    assert uncertified_at is not None and proven is not None
     pilot, rest = candidates[:CERTIFY_PILOT], candidates[CERTIFY_PILOT:]
-    for index in _dealt(pilot, batch_size, dist_ctx):
-        proven = certifier.certify(x[index].to(device), y[index].to(device), threat).cpu()
-        uncertified_at[index[~proven]] = threat.eps
-    all_reduce_min_(uncertified_at, dist_ctx)
-    if bool((uncertified_at[pilot] == NEVER).any()):
-        for index in _dealt(rest, batch_size, dist_ctx):
-            proven = certifier.certify(x[index].to(device), y[index].to(device), threat).cpu()
-            uncertified_at[index[~proven]] = threat.eps
-    else:
-        uncertified_at[rest] = threat.eps
-    all_reduce_min_(uncertified_at, dist_ctx)
-    evaluation.certify_seconds[threat.eps] = all_reduce_sum(time.perf_counter() - start_time, dist_ctx)
-    evaluation.certified_eps.append(threat.eps)
+    for part in (pilot, rest):
+        for index in _dealt(part, batch_size, dist_ctx):
+            ok = certifier.certify(x[index].to(device), y[index].to(device), threat).cpu()
+            uncertified_at[index[~ok]] = threat.eps
+            proven[index[ok]] = threat.eps
+        all_reduce_min_(uncertified_at, dist_ctx)
+        all_reduce_max_(proven, dist_ctx)
+        if part is pilot and not bool((proven[pilot] >= threat.eps).any()):
+            uncertified_at[rest] = threat.eps
+            return
 
 
 def _dealt(samples: Tensor, size: int, dist_ctx: DistContext) -> Iterator[Tensor]:
