@@ -264,8 +264,9 @@ class Certifier:
         two products where lower and upper bounds would need four. ``half`` is None while the
         functions are exact (before the first nonlinearity).
         """
-        n, d = len(x), self.input_size
-        mid = torch.eye(d + 1, d, device=x.device).view(1, d + 1, *x.shape[1:]).expand(n, -1, *x.shape[1:])
+        d = self.input_size
+        # Until the first nonlinearity the functions are exact and the same for every sample: one copy.
+        mid = torch.eye(d + 1, d, device=x.device).view(1, d + 1, *x.shape[1:])
         half: Tensor | None = None
         relaxations: list[_ReluRelaxation | _PoolRelaxation | None] = []
         for layer in self.layers:  # the last one too: a model may end in a nonlinearity
@@ -277,16 +278,17 @@ class Certifier:
                     relu = _ReluRelaxation.of(low, high)
                     lower = lower * relu.lower_slope.unsqueeze(1)
                     upper = upper * relu.upper_slope.unsqueeze(1)
-                    upper = torch.cat([upper[:, :d], upper[:, d:] + relu.intercept.unsqueeze(1)], dim=1)
+                    upper[:, d] += relu.intercept
                     relaxations.append(relu)
                 else:
                     pool = _PoolRelaxation.of(module, low, high)
+                    lower, upper = (t.expand(len(x), *t.shape[1:]) for t in (lower, upper))
                     lower, chosen = pool.gather(lower), pool.gather(upper)
                     constant = torch.zeros_like(chosen)
                     constant[:, d] = pool.top_high
                     upper = torch.where(pool.dominates.unsqueeze(1), chosen, constant)
                     relaxations.append(pool)
-                mid, half = (upper + lower) / 2, (upper - lower) / 2
+                mid, half = (upper + lower).mul_(0.5), upper.sub_(lower).mul_(0.5)
             else:
                 mid, half = self._affine_forward(layer, mid, half)
                 relaxations.append(None)
@@ -297,9 +299,8 @@ class Certifier:
         n, k = mid.shape[:2]
         new_mid = _linear_part(layer.module, mid.reshape(n * k, *mid.shape[2:]), absolute=False)
         shape = (n, k, *new_mid.shape[1:])
-        constant = torch.zeros((1, k, *shape[2:]), device=mid.device)
-        constant[0, -1] = layer.bias.view(shape[2:])
-        new_mid = new_mid.view(shape) + constant
+        new_mid = new_mid.view(shape)
+        new_mid[:, -1] += layer.bias.view(shape[2:])  # the bias belongs to the constant column only
         if half is None:
             return new_mid, None
         return new_mid, _linear_part(layer.module, half.reshape(n * k, *half.shape[2:]), absolute=True).view(shape)
@@ -307,6 +308,17 @@ class Certifier:
     def _concretise(self, lower: Tensor, upper: Tensor, x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
         """Interval bounds of each neuron: its lower function's minimum and upper function's maximum."""
         d, n, shape = self.input_size, len(x), lower.shape[2:]
+        if len(lower) == 1 and lower is upper:  # exact functions shared by all samples: plain products
+            coef = lower[0, :d].reshape(d, -1)
+            if threat.norm is Norm.LINF:
+                box_low, box_high = (b.reshape(n, d) for b in _input_box(x, threat))
+                centre = (box_high + box_low) / 2 @ coef
+                spread = (box_high - box_low) / 2 @ coef.abs()
+            else:
+                centre = x.reshape(n, d) @ coef
+                spread = threat.eps * coef.norm(dim=0).expand_as(centre)
+            constant = lower[0, d].reshape(1, -1)
+            return (centre - spread + constant).view(n, *shape), (centre + spread + constant).view(n, *shape)
         coef_low, coef_high = lower[:, :d].reshape(n, d, -1), upper[:, :d].reshape(n, d, -1)
         if threat.norm is Norm.LINF:  # centre and radius of the box: min is c.l - r.|l|
             box_low, box_high = (b.reshape(n, 1, d) for b in _input_box(x, threat))
