@@ -100,7 +100,10 @@ def _linear_part(module: nn.Module, v: Tensor, absolute: bool) -> Tensor:
         scale = scale * module.weight if module.weight is not None else scale
         return v * (scale.abs() if absolute else scale).view(1, -1, *[1] * (v.dim() - 2))
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        weight = module.weight.abs() if absolute else module.weight
+        # contiguous: the bound tensors are, and a channels-last weight (fast_layout) would make
+        # oneDNN convert one side on every call
+        weight = module.weight.contiguous()
+        weight = weight.abs() if absolute else weight
         if isinstance(module, nn.Linear):
             return F.linear(v, weight)
         return F.conv2d(v, weight, None, module.stride, module.padding, module.dilation, module.groups)
@@ -176,7 +179,7 @@ def _affine_backward(layer: _Layer, lam: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return lam @ module.weight
     if isinstance(module, nn.Conv2d) and not isinstance(module.padding, str):
-        return conv2d_input((len(lam), *layer.in_shape), module.weight, lam, module.stride,
+        return conv2d_input((len(lam), *layer.in_shape), module.weight.contiguous(), lam, module.stride,
                             module.padding, module.dilation, module.groups)
     zeros = torch.zeros((len(lam), *layer.in_shape), dtype=lam.dtype, device=lam.device, requires_grad=True)
     with torch.enable_grad():  # exact for an affine map: its vector-Jacobian product anywhere
