@@ -71,6 +71,8 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
     if any(isinstance(module, cls) and type(module).forward is not cls.forward for cls in _KNOWN):
         raise Unsupported(f"{type(module).__name__} overrides its layer's forward; only the torch layers "
                           "themselves are supported")
+    if module._forward_hooks or module._forward_pre_hooks:  # they can change what a layer computes
+        raise Unsupported(f"{type(module).__name__} has forward hooks, which the bounds cannot see")
     if isinstance(module, nn.Sequential):
         for child in module:
             yield from _leaves(child)

@@ -268,6 +268,13 @@ class _Negated(nn.Sequential):
         return -super().forward(x)
 
 
+def _hooked() -> nn.Module:
+    """A hook that negates a layer's output: the model computes something else than its layers."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    net[1].register_forward_hook(lambda module, args, output: -output)
+    return net
+
+
 @pytest.mark.parametrize(("model", "shape", "reason"), [
     (lambda x: x.flatten(1)[:, :10], (1, 8, 8), "not a torch module"),
     (nn.Sequential(nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(36, 10)), (1, 8, 8), "non-overlapping"),
@@ -279,9 +286,10 @@ class _Negated(nn.Sequential):
      "running statistics"),
     (nn.Sequential(nn.Conv2d(1, 10, 8)), (1, 8, 8), "not (N, classes) scores"),
     (_Negated(nn.Flatten(), nn.Linear(64, 10)), (1, 8, 8), "_Negated overrides"),
+    (_hooked(), (1, 8, 8), "Linear has forward hooks"),
     (Normalized(digits_resnet(), mean=[0.3], std=[0.4]), (1, 8, 8), "_ResidualBlock layers are not supported"),
 ], ids=["function", "overlapping-maxpool", "reflect-padding", "large-input", "sigmoid", "batchnorm-no-stats",
-        "not-scores", "overridden-forward", "residual"])
+        "not-scores", "overridden-forward", "forward-hook", "residual"])
 def test_unsupported_models_are_refused_with_the_reason(model, shape, reason):
     with pytest.raises(Unsupported, match=reason.replace("(", r"\(").replace(")", r"\)")):
         Certifier(model, shape, CPU)
