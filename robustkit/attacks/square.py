@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ def square_fraction(p_init: float, query: int, queries: int) -> float:
         if progress > threshold:
             divisor = next_divisor
     return p_init / divisor
+
+
+#: Queries whose random squares and signs are drawn at once.
+_BLOCK = 100
 
 
 @dataclass(frozen=True)
@@ -74,17 +79,15 @@ class Square(Attack):
         # Work on the samples still standing only; re-gather them only when some fall.
         active = (loss >= 0).nonzero().squeeze(1)
         x_act, best_act, loss_act, labels_act = x[active], best[active], loss[active], labels[active]
-        for query in range(1, p.queries):
+        for query, (u, v), step in self._draws(generator, n, channels, eps, x):
             if active.numel() == 0:
                 break
             side = round(math.sqrt(square_fraction(p.p_init, query, p.queries) * height * width))
             side = min(max(side, 1), max(min(height, width) - 1, 1))
-            top = int(torch.randint(0, height - side + 1, (1,), generator=generator, device=x.device))
-            left = int(torch.randint(0, width - side + 1, (1,), generator=generator, device=x.device))
+            top, left = int(u * (height - side + 1)), int(v * (width - side + 1))
             candidate = best_act.clone()
             candidate[:, :, top : top + side, left : left + side] = (
-                x_act[:, :, top : top + side, left : left + side] + eps * signs(len(active), channels, 1, 1)
-            ).clamp(low, high)
+                x_act[:, :, top : top + side, left : left + side] + step[active]).clamp(low, high)
             new_loss = objective(candidate, labels_act)
             better = new_loss < loss_act
             best_act = torch.where(better.view(-1, 1, 1, 1), candidate, best_act)
@@ -97,3 +100,18 @@ class Square(Attack):
                     t[keep] for t in (active, x_act, best_act, loss_act, labels_act))
         best[active] = best_act
         return best
+
+    def _draws(self, generator: torch.Generator, n: int, channels: int, eps: float,
+               x: Tensor) -> Iterator[tuple[int, list[float], Tensor]]:
+        """Per query: its number, the square's corner as fractions of the free range, and the
+        signed step (n, channels, 1, 1) of every sample.
+
+        Drawn in blocks of queries, not one query at a time: a small batch's query costs little
+        more than the fixed overhead of its operations, so every operation saved counts.
+        """
+        queries: int = self.params.queries
+        for block in range(1, queries, _BLOCK):
+            numbers = range(block, min(block + _BLOCK, queries))
+            corners = torch.rand((len(numbers), 2), generator=generator, device=x.device).tolist()
+            signs = torch.randint(0, 2, (len(numbers), n, channels, 1, 1), generator=generator, device=x.device)
+            yield from zip(numbers, corners, (2 * signs.to(x.dtype) - 1) * eps)
