@@ -252,13 +252,8 @@ class Certifier:
             else:
                 const = const + rows.flatten(2) @ layer.bias
                 rows = _affine_backward(layer, rows.reshape(n * r, *rows.shape[2:])).view(n, r, *layer.in_shape)
-        flat = rows.flatten(2)
-        if threat.norm is Norm.LINF:
-            low, high = (b.flatten(1).unsqueeze(1) for b in _input_box(x, threat))
-            lower = const + (flat.clamp(min=0) * low).sum(-1) + (flat.clamp(max=0) * high).sum(-1)
-        else:  # l2: the bounds only shrink the ball, so leaving them out keeps the bound sound
-            lower = const + (flat * x.flatten(1).unsqueeze(1)).sum(-1) - threat.eps * flat.norm(dim=-1)
-        return lower.scatter(1, y.view(-1, 1), math.inf)
+        centre, spread = _centre_and_spread(rows.flatten(2).transpose(1, 2), x, threat)
+        return (const + centre - spread).scatter(1, y.view(-1, 1), math.inf)
 
     def _forward_relaxations(self, x: Tensor, threat: ThreatModel) -> list[_ReluRelaxation | _PoolRelaxation | None]:
         """Carry linear lower and upper bounds of every neuron forward; relax each nonlinearity.
@@ -313,28 +308,31 @@ class Certifier:
     def _concretise(self, lower: Tensor, upper: Tensor, x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
         """Interval bounds of each neuron: its lower function's minimum and upper function's maximum."""
         d, n, shape = self.input_size, len(x), lower.shape[2:]
-        if len(lower) == 1 and lower is upper:  # exact functions shared by all samples: plain products
-            coef = lower[0, :d].reshape(d, -1)
-            if threat.norm is Norm.LINF:
-                box_low, box_high = (b.reshape(n, d) for b in _input_box(x, threat))
-                centre = (box_high + box_low) / 2 @ coef
-                spread = (box_high - box_low) / 2 @ coef.abs()
-            else:
-                centre = x.reshape(n, d) @ coef
-                spread = threat.eps * coef.norm(dim=0).expand_as(centre)
-            constant = lower[0, d].reshape(1, -1)
-            return (centre - spread + constant).view(n, *shape), (centre + spread + constant).view(n, *shape)
-        coef_low, coef_high = lower[:, :d].reshape(n, d, -1), upper[:, :d].reshape(n, d, -1)
-        if threat.norm is Norm.LINF:  # centre and radius of the box: min is c.l - r.|l|
-            box_low, box_high = (b.reshape(n, 1, d) for b in _input_box(x, threat))
-            centre, radius = (box_high + box_low) / 2, (box_high - box_low) / 2
-            low = (centre @ coef_low - radius @ coef_low.abs()).squeeze(1)
-            high = (centre @ coef_high + radius @ coef_high.abs()).squeeze(1)
+        low_centre, low_spread = _centre_and_spread(lower[:, :d].reshape(len(lower), d, -1), x, threat)
+        if lower is upper:
+            high_centre, high_spread = low_centre, low_spread
         else:
-            centre = x.reshape(n, 1, d)
-            low = (centre @ coef_low).squeeze(1) - threat.eps * coef_low.norm(dim=1)
-            high = (centre @ coef_high).squeeze(1) + threat.eps * coef_high.norm(dim=1)
-        return low.view(n, *shape) + lower[:, d], high.view(n, *shape) + upper[:, d]
+            high_centre, high_spread = _centre_and_spread(upper[:, :d].reshape(len(upper), d, -1), x, threat)
+        low = (low_centre - low_spread).view(n, *shape) + lower[:, d]
+        return low, (high_centre + high_spread).view(n, *shape) + upper[:, d]
+
+
+def _centre_and_spread(coef: Tensor, x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
+    """For linear functions ``coef[:, :, k] . x'`` (coef (N or 1, D, K)) over the threat ball around
+    each ``x``: their value at the ball's centre and their largest deviation, both (N, K).
+
+    The minimum is centre - spread, the maximum centre + spread.
+    """
+    n, d = len(x), coef.shape[1]
+
+    def apply(v: Tensor, c: Tensor) -> Tensor:  # (N, D) against (N or 1, D, K): a plain product if shared
+        return v @ c[0] if len(c) == 1 else (v.unsqueeze(1) @ c).squeeze(1)
+
+    if threat.norm is Norm.LINF:  # the box's centre and half-widths: the deviation is r . |coef|
+        low, high = (b.reshape(n, d) for b in _input_box(x, threat))
+        return apply((high + low) / 2, coef), apply((high - low) / 2, coef.abs())
+    # l2: the bounds only shrink the ball, so leaving them out keeps the bounds sound
+    return apply(x.reshape(n, d), coef), (threat.eps * coef.norm(dim=1)).expand(n, -1)
 
 
 def _input_box(x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
