@@ -55,6 +55,12 @@ class Unsupported(Exception):
     """The model is outside what the certifier can bound; the message says why."""
 
 
+def check_norm(norm: Norm) -> None:
+    """Raise ``Unsupported`` for a norm the bounds cannot handle (they do linf and l2)."""
+    if norm not in (Norm.LINF, Norm.L2):
+        raise Unsupported(f"the {norm.value} norm is not supported (linf and l2 only)")
+
+
 class _Standardize(nn.Module):
     """The affine half of ``Normalized``, as a layer of its own."""
 
@@ -221,8 +227,7 @@ class Certifier:
     @torch.no_grad()
     def margin_bounds(self, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         """Lower bounds, over the threat ball, of ``logit[y] - logit[j]`` for every class j (+inf at y)."""
-        if threat.norm not in (Norm.LINF, Norm.L2):
-            raise Unsupported(f"the {threat.norm.value} norm is not supported (linf and l2 only)")
+        check_norm(threat.norm)
         x = x.float().contiguous()
         step = max(1, _CHUNK_ENTRIES // ((self.input_size + 1) * self.widest))
         if not len(x):

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from robustkit.attacks.base import Attack
-from robustkit.certify import Certifier, Unsupported
+from robustkit.certify import Certifier, Unsupported, check_norm
 from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model, fast_layout, predict_logits
-from robustkit.threat import ThreatModel
+from robustkit.threat import Norm, ThreatModel
 
 NEVER = math.inf
 #: A gradient-free attack keeps no activations for a backward pass, so it takes batches this
@@ -166,7 +166,7 @@ def evaluate(
                           else {}, initial.clone()) for a in attacks
         ]
         evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade)
-        certifier = _certifier(model, x, device, evaluation) if certify else None
+        certifier = _certifier(model, x, threats[0].norm, device, evaluation) if certify else None
         total = len(threats) * len(attacks)
         try:
             with progress() as bar:
@@ -225,11 +225,12 @@ def _attack_subset(
     return all_reduce_sum(seconds, dist_ctx), int(all_reduce_sum(rejected, dist_ctx))
 
 
-def _certifier(model: Model, x: Tensor, device: torch.device, evaluation: Evaluation) -> Certifier | None:
+def _certifier(model: Model, x: Tensor, norm: Norm, device: torch.device, evaluation: Evaluation) -> Certifier | None:
     """A certifier for the model, or None with the reason recorded (nothing is skipped then)."""
     evaluation.uncertified_at = torch.where(evaluation.clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
     evaluation.proven = torch.zeros(evaluation.n)
     try:
+        check_norm(norm)
         certifier = Certifier(model, tuple(x.shape[1:]), device)
     except Unsupported as reason:
         evaluation.certification = f"unsupported: {reason}"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from robustkit.attacks.base import Attack
 from robustkit.attacks.native import FGSM, PGD
 from robustkit.attacks.square import Square
 from robustkit.certify import MAX_INPUT_SIZE, Certifier, Unsupported
@@ -235,6 +236,24 @@ def test_engine_on_an_unsupported_model_attacks_everything(digits):
         assert outcome.attacked == reference.attacked  # nothing skipped
         assert torch.equal(outcome.broken_at, reference.broken_at)
     assert all(0 <= certified.worst_case(t.eps) <= certified.clean_accuracy for t in threats)
+
+
+class _Unmoved(Attack):
+    """An l1 attack that returns its inputs: enough to run the engine under a norm the bounds lack."""
+
+    name = "unmoved"
+    norms = frozenset({Norm.L1})
+
+    def run(self, model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+        return x
+
+
+def test_engine_with_an_unsupported_norm_attacks_everything(cnn, digits):
+    x, y = digits.x[:40], digits.y[:40]
+    evaluation = evaluate(cnn, x, y, [NamedAttack("test:unmoved", _Unmoved())], [ThreatModel(Norm.L1, 2.0)],
+                          certify=True)
+    assert evaluation.certification == "unsupported: the l1 norm is not supported (linf and l2 only)"
+    assert evaluation.outcomes[0].attacked[2.0] == int(evaluation.clean_correct.sum())
 
 
 def test_engine_stops_certifying_after_a_failed_pilot(cnn, digits, monkeypatch):
