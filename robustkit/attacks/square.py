@@ -39,6 +39,11 @@ def square_fraction(p_init: float, query: int, queries: int) -> float:
 _BLOCK = 100
 
 
+def _signs(generator: torch.Generator, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Random +1/-1 of ``shape``, in ``like``'s dtype and on its device."""
+    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+
+
 @dataclass(frozen=True)
 class SquareParams:
     queries: int = param(1000, "model queries per sample (forward passes)")
@@ -71,10 +76,7 @@ class Square(Attack):
                 margin = margin_loss(model(candidate).float(), target)  # best other - target
             return margin if threat.targeted else -margin
 
-        def signs(*shape: int) -> Tensor:
-            return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-
-        best = (x + eps * signs(n, channels, 1, width)).clamp(low, high)  # vertical stripes
+        best = (x + eps * _signs(generator, (n, channels, 1, width), x)).clamp(low, high)  # vertical stripes
         loss = objective(best, labels)
         # Work on the samples still standing only; re-gather them only when some fall.
         active = (loss >= 0).nonzero().squeeze(1)
@@ -113,5 +115,4 @@ class Square(Attack):
         for block in range(1, queries, _BLOCK):
             numbers = range(block, min(block + _BLOCK, queries))
             corners = torch.rand((len(numbers), 2), generator=generator, device=x.device).tolist()
-            signs = torch.randint(0, 2, (len(numbers), n, channels, 1, 1), generator=generator, device=x.device)
-            yield from zip(numbers, corners, (2 * signs.to(x.dtype) - 1) * eps)
+            yield from zip(numbers, corners, eps * _signs(generator, (len(numbers), n, channels, 1, 1), x))
