@@ -55,10 +55,15 @@ class CheckInputs:
 
 def _robust_accuracy(inputs: CheckInputs, attack: Attack, threat: ThreatModel) -> Tensor:
     """Per-sample 'still correct' flags for ``attack`` on the check subset."""
+    return _standing(inputs.model, inputs.x, inputs.y, attack, threat, inputs.batch_size)
+
+
+def _standing(model: Model, x: Tensor, y: Tensor, attack: Attack, threat: ThreatModel, batch_size: int) -> Tensor:
+    """Per-sample 'still correct' flags for ``attack`` on ``x``; invalid examples do not count."""
     standing = []
-    for start in range(0, len(inputs.x), inputs.batch_size):
-        xb, yb = inputs.x[start : start + inputs.batch_size], inputs.y[start : start + inputs.batch_size]
-        result = attack(inputs.model, xb, yb, threat=threat)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        result = attack(model, xb, yb, threat=threat)
         valid = ~threat.violations(xb, result.x_adv)
         standing.append(~((result.logits.argmax(1) != yb) & valid))
     return torch.cat(standing)
@@ -242,8 +247,7 @@ def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation
     eps = float(proven_to.max())
     index = (proven_to >= eps).nonzero().squeeze(1)[:samples]
     threat = evaluation.threats[0].with_eps(eps)
-    inputs = CheckInputs(model, x[index], y[index], threat, [eps], None, iterative, None, 0, batch_size)
-    standing = _robust_accuracy(inputs, iterative.attack, threat)
+    standing = _standing(model, x[index], y[index], iterative.attack, threat, batch_size)
     broken = int((~standing).sum())
     detail = (f"{iterative.name} at eps {eps:g} broke {broken} of {len(index)} samples proven robust "
               f"({evaluation.certification})")
