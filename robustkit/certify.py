@@ -66,10 +66,10 @@ class _Standardize(nn.Module):
 
     def __init__(self, normalized: Normalized) -> None:
         super().__init__()
-        self.mean, self.std = normalized.mean, normalized.std
+        self.standardize = normalized.standardize
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+        return self.standardize(x)
 
 
 def _leaves(module: nn.Module) -> Iterator[nn.Module]:

@@ -32,7 +32,10 @@ class Normalized(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net((x - self.mean) / self.std)
+        return self.net(self.standardize(x))
+
+    def standardize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
 
 
 @contextmanager
