@@ -235,10 +235,10 @@ def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation
     silently; this is the independent test of the proofs the audit relied on.
     """
     name = "certificates hold"
-    if evaluation.proven is None:
-        return Check(name, "pass", "certification off (--no-certify): every sample was attacked")
     if evaluation.certification.startswith("unsupported"):
         return Check(name, "pass", f"no certificates ({evaluation.certification}): every sample was attacked")
+    if evaluation.proven is None:
+        return Check(name, "pass", "certification off (--no-certify): every sample was attacked")
     proven_to = evaluation.proven_to()
     if not bool((proven_to > 0).any()):
         return Check(name, "pass", "no sample was proven robust at any eps: every sample was attacked")

@@ -227,16 +227,15 @@ def _attack_subset(
 
 def _certifier(model: Model, x: Tensor, norm: Norm, device: torch.device, evaluation: Evaluation) -> Certifier | None:
     """A certifier for the model, or None with the reason recorded (nothing is skipped then)."""
-    evaluation.uncertified_at = torch.where(evaluation.clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
-    evaluation.proven = torch.zeros(evaluation.n)
     try:
         check_norm(norm)
         certifier = Certifier(model, tuple(x.shape[1:]), device)
     except Unsupported as reason:
         evaluation.certification = f"unsupported: {reason}"
-        evaluation.uncertified_at.zero_()
         return None
     evaluation.certification = "linear bound propagation (CROWN)"
+    evaluation.uncertified_at = torch.where(evaluation.clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+    evaluation.proven = torch.zeros(evaluation.n)
     return certifier
 
 
