@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack
 from robustkit.errors import RobustkitError
-from robustkit.threat import Norm, ThreatModel
+from robustkit.threat import Norm, ThreatModel, per_sample_norm
 
 #: Radii used by the contract for each norm, in [0, 1] input units of 1x8x8 digits.
 CONTRACT_EPS = {Norm.LINF: 0.1, Norm.L2: 1.0, Norm.L1: 4.0}
@@ -52,7 +52,10 @@ def check_attack_contract(attack: Attack, *, model: nn.Module | None = None,
     - the result keeps shape, dtype and device, and lies in the eps-ball and the bounds;
     - the model's mode (including a mixed train/eval mode) and weights are unchanged;
     - an unsupported norm is refused with a RobustkitError;
-    - the same seed gives the same examples.
+    - the same seed gives the same examples;
+    - an attack with ``per_sample_eps`` keeps each sample in its own ball (radius 0 leaves it
+      unchanged) and uses the radius it is given, not the smallest;
+      an attack without it refuses per-sample radii.
     """
     model = model if model is not None else contract_model()
     x, y = batch if batch is not None else contract_batch()
@@ -75,6 +78,7 @@ def check_attack_contract(attack: Attack, *, model: nn.Module | None = None,
             assert torch.equal(value, state[key]), f"{attack.name}: model state {key!r} changed"
         again = _run(attack, model, x, y, threat, seed=0)
         assert torch.allclose(x_adv, again, atol=1e-6), f"{attack.name} ({norm.value}): not deterministic under a seed"
+        _check_radii(attack, model, x, y, threat)
     unsupported = [n for n in Norm if n not in attack.norms]
     if unsupported:
         threat = ThreatModel(unsupported[0], CONTRACT_EPS[unsupported[0]])
@@ -84,6 +88,23 @@ def check_attack_contract(attack: Attack, *, model: nn.Module | None = None,
             pass
         else:
             raise AssertionError(f"{attack.name}: accepted the unsupported norm {unsupported[0].value}")
+
+
+def _check_radii(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> None:
+    radii = torch.tensor([threat.eps, threat.eps / 4, 0.0], dtype=torch.float64).repeat(len(x))[: len(x)]
+    if not attack.per_sample_eps:
+        try:
+            attack(model, x, y, threat=threat, radii=radii)
+        except RobustkitError:
+            return
+        raise AssertionError(f"{attack.name}: accepted per-sample radii without declaring per_sample_eps")
+    torch.manual_seed(0)
+    x_adv = attack(model, x, y, threat=threat, radii=radii).x_adv
+    label = f"{attack.name} ({threat.norm.value}, per-sample radii)"
+    assert not bool(threat.violations(x, x_adv, radii=radii).any()), f"{label}: examples outside their own ball"
+    assert torch.equal(x_adv[radii == 0], x[radii == 0]), f"{label}: radius 0 moved a sample"
+    moved = per_sample_norm(x_adv - x, threat.norm)
+    assert float(moved[radii == threat.eps].max()) > threat.eps / 4 + 1e-6, f"{label}: the largest radius went unused"
 
 
 def fast_params(attack_cls: type[Attack]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -120,12 +121,27 @@ class ThreatModel:
     def __str__(self) -> str:
         return f"{self.norm.value}:{self.eps:g}" + (" (targeted)" if self.targeted else "")
 
-    def project(self, x: Tensor, x_adv: Tensor) -> Tensor:
-        """Move ``x_adv`` into the eps-ball around ``x`` and then into the bounds.
+    def balls(self, radii: Tensor) -> Iterator[tuple[ThreatModel, Tensor]]:
+        """This threat at each distinct radius of ``radii`` (N,), with the mask of its samples.
+
+        Per-sample radii come from an audit's eps list, so there are a handful: one pass per
+        radius keeps each projection and check the scalar one.
+        """
+        for radius in radii.unique().tolist():
+            yield self.with_eps(radius), radii == radius
+
+    def project(self, x: Tensor, x_adv: Tensor, *, radii: Tensor | None = None) -> Tensor:
+        """Move ``x_adv`` into the eps-ball around ``x`` (of radius ``radii[i]`` for sample i
+        when given) and then into the bounds.
 
         Clipping to the bounds after the ball never leaves the ball, because ``x`` itself is
         inside the bounds, so each coordinate only moves towards ``x``.
         """
+        if radii is not None:
+            projected = torch.empty_like(x_adv)
+            for threat, rows in self.balls(radii.to(x.device)):
+                projected[rows] = threat.project(x[rows], x_adv[rows])
+            return projected
         delta = x_adv - x
         if self.norm is Norm.LINF:
             delta = delta.clamp(-self.eps, self.eps)
@@ -137,8 +153,14 @@ class ThreatModel:
             delta = _project_l1(delta, self.eps)
         return (x + delta).clamp(*self.bounds)
 
-    def violations(self, x: Tensor, x_adv: Tensor) -> Tensor:
-        """Per-sample mask of examples outside the ball or bounds, or not finite (fp32 check)."""
+    def violations(self, x: Tensor, x_adv: Tensor, *, radii: Tensor | None = None) -> Tensor:
+        """Per-sample mask of examples outside the ball (of radius ``radii[i]`` for sample i when
+        given) or the bounds, or not finite (fp32 check)."""
+        if radii is not None:
+            invalid = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            for threat, rows in self.balls(radii.to(x.device)):
+                invalid[rows] = threat.violations(x[rows], x_adv[rows])
+            return invalid
         x32, adv32 = x.detach().float(), x_adv.detach().float()
         finite = torch.isfinite(adv32).flatten(1).all(dim=1)
         low, high = self.bounds

@@ -125,6 +125,58 @@ def test_gradient_free_attacks_get_larger_batches():
     assert black.sizes == batches(16 * GRADIENT_FREE_BATCH_FACTOR)
 
 
+class Fade(Attack):
+    """Gradient-free and deterministic: moves every pixel by its sample's radius, towards grey
+    or darker. What it breaks depends only on the sample and the eps, never on the batch."""
+
+    name = "fade"
+    norms = frozenset({Norm.LINF})
+    needs_gradients = False
+
+    def __init__(self, towards_grey: bool, per_sample_eps: bool) -> None:
+        super().__init__()
+        self.towards_grey, self.per_sample_eps = towards_grey, per_sample_eps
+        self.calls: list[list[float]] = []  #: the distinct radii of each call
+
+    def run(self, model, x, labels, threat, radii=None):
+        radii = torch.full((len(x),), threat.eps, dtype=torch.float64) if radii is None else radii
+        self.calls.append(sorted(set(radii.tolist())))
+        return fade(x, radii.to(x.dtype).view(-1, 1, 1, 1), self.towards_grey)
+
+
+def fade(x: torch.Tensor, radius: float | torch.Tensor, towards_grey: bool) -> torch.Tensor:
+    return x + radius * (torch.sign(0.5 - x) if towards_grey else -torch.ones_like(x))
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_an_attack_taking_per_sample_radii_runs_once_for_every_eps(cascade):
+    model, data = trained_digits_model("cnn"), load_digits()
+    x, y = data.x[:150], data.y[:150]
+    eps = [0.1, 0.2, 0.3, 0.4]
+    runs = {}
+    for merged in (True, False):
+        suite = [NamedAttack("grey", Fade(towards_grey=True, per_sample_eps=merged)),
+                 NamedAttack("dark", Fade(towards_grey=False, per_sample_eps=False))]
+        runs[merged] = evaluate(model, x, y, suite, [ThreatModel(Norm.LINF, e) for e in eps], cascade=cascade)
+        assert suite[0].attack.calls == ([eps] if merged else [[e] for e in eps])  # one batch holds every eps
+    merged = runs[True]
+    grey, dark = (o.broken_at for o in merged.outcomes)
+    direct = torch.full((len(x),), float("inf"))  # the smallest eps at which fading to grey breaks each sample
+    for e in reversed(eps):
+        with torch.no_grad():
+            direct[model(fade(x, e, towards_grey=True).clamp(0, 1)).argmax(1) != y] = e
+    direct[~merged.clean_correct] = 0
+    assert len({float(v) for v in direct[direct.isfinite()]}) == 1 + len(eps)  # it breaks samples at every eps
+    if cascade:  # run after "dark" (though listed first), on what "dark" left standing at each eps
+        assert [merged.outcomes[0].attacked[e] for e in eps] == [int((dark > e).sum()) for e in eps]
+        assert torch.equal(merged.worst_broken_at(), torch.minimum(direct, dark))
+    else:
+        assert [merged.outcomes[0].attacked[e] for e in eps] == [int(merged.clean_correct.sum())] * len(eps)
+        assert torch.equal(grey, direct)
+    assert torch.equal(merged.worst_broken_at(), runs[False].worst_broken_at())  # as if run eps by eps
+    assert sorted(merged.outcomes[0].seconds) == eps
+
+
 def test_checks_flag_a_gradient_masked_model(tmp_path):
     path = tmp_path / "masked.pt"
     torch.save(masked_model_factory().state_dict(), path)
@@ -269,9 +321,14 @@ def test_torchrun_two_processes_equal_single_process(weights, tmp_path, run_robu
         "fgsm",
         "--attack",
         "pgd",
+        "--attack",
+        "square",  # gradient-free with per-sample radii: one run for both eps, its rows dealt out
         "-o",
         "steps",
         "5",
+        "-o",
+        "queries",
+        "60",
         "--batch-size",
         "16",
         "--no-checks",

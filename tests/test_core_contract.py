@@ -18,6 +18,7 @@ from robustkit import modules
 from robustkit.attacks import base
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.native import FGSM, PGD
+from robustkit.attacks.square import Square
 from robustkit.data import load_digits
 from robustkit.errors import DataError, RobustkitError
 from robustkit.host import Host
@@ -85,6 +86,17 @@ def test_contract_catches_an_attack_that_breaks_it() -> None:
                 x
             )  # ... leaves the l1 ball (projection fixes it)
 
+    class SmallestRadius(FGSM):
+        name = "smallest-radius"
+        per_sample_eps = True  # claims per-sample radii but ...
+
+        def run(self, model: Any, x: Tensor, labels: Tensor, threat: ThreatModel,
+                radii: Tensor | None = None) -> Tensor:
+            eps = threat.eps if radii is None else float(radii.min())  # ... shrinks every ball to the smallest
+            return super().run(model, x, labels, threat.with_eps(eps))
+
+    with pytest.raises(AssertionError, match="the largest radius went unused"):
+        check_attack_contract(SmallestRadius())
     with pytest.raises(AssertionError, match=r"model state '1\.running_mean' changed"):
         check_attack_contract(TrainsBatchNorm())
     with pytest.raises(AssertionError, match="not deterministic"):
@@ -250,6 +262,13 @@ def test_bad_batches_are_data_errors() -> None:
         FGSM()(model, x, y[:3], threat=threat)
     with pytest.raises(DataError, match="floating point"):
         FGSM()(model, (x * 255).to(torch.uint8), y, threat=threat)
+    radii = torch.full((4,), 0.05, dtype=torch.float64)
+    with pytest.raises(RobustkitError, match="'fgsm' takes one eps per call, not one per sample"):
+        FGSM()(model, x, y, threat=threat, radii=radii)
+    with pytest.raises(DataError, match=r"radii must have shape \(4,\) and lie in \[0, 0.1\]"):
+        Square(queries=5)(model, x, y, threat=threat, radii=radii + 0.1)
+    with pytest.raises(DataError, match=r"radii must have shape \(4,\)"):
+        Square(queries=5)(model, x, y, threat=threat, radii=radii[:3])
 
 
 def test_int32_labels_are_accepted() -> None:

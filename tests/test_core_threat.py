@@ -147,6 +147,22 @@ def test_violations_flag_each_problem() -> None:
     assert threat.violations(low_x, low_x - 0.05).tolist() == [True]  # outside the bounds
 
 
+def test_per_sample_radii_project_and_check_each_row_in_its_own_ball() -> None:
+    for norm, eps in ((Norm.LINF, 0.3), (Norm.L2, 1.0), (Norm.L1, 3.0)):
+        threat = ThreatModel(norm, eps)
+        x, x_adv = _cloud(3)
+        radii = torch.tensor([eps, eps / 3, 0.0] * (len(x) // 3) + [eps] * (len(x) % 3), dtype=torch.float64)
+        projected = threat.project(x, x_adv, radii=radii)
+        for radius in (eps, eps / 3, 0.0):
+            rows = radii == radius
+            assert torch.equal(projected[rows], threat.with_eps(radius).project(x[rows], x_adv[rows])), norm
+        assert torch.equal(projected[radii == 0], x[radii == 0])
+        assert not threat.violations(x, projected, radii=radii).any(), norm
+        # the same examples against the smaller radius everywhere: the rows at eps leave it
+        flagged = threat.violations(x, projected, radii=torch.full_like(radii, eps / 3))
+        assert bool(flagged[radii == eps].any()) and not bool(flagged[radii < eps].any()), norm
+
+
 def test_with_eps_and_str() -> None:
     threat = ThreatModel.parse("l2:0.5", targeted=True)
     assert threat.with_eps(1.0) == ThreatModel(Norm.L2, 1.0, targeted=True)

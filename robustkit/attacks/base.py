@@ -65,6 +65,10 @@ class Attack(ABC):
     summary: ClassVar[str] = ""
     supports_targeted: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
+    #: ``run`` takes ``radii``: one call attacks each sample in a ball of its own radius, so the
+    #: engine can attack every eps of an audit in one run. That pays for a score-based attack,
+    #: whose per-query overhead a small batch at each eps would pay once per eps.
+    per_sample_eps: ClassVar[bool] = False
 
     def __init__(self, params: Any = None, /, **overrides: Any) -> None:
         if params is not None and overrides:
@@ -86,12 +90,17 @@ class Attack(ABC):
         ``labels`` are the true classes, or the target classes when ``threat.targeted``.
         The model is already in eval mode. The result need not be projected: ``__call__``
         projects it into the ball and bounds, so an attack cannot cheat by leaving them.
+        An attack with ``per_sample_eps`` also takes ``radii``, a float64 tensor (N,) of each
+        sample's radius, none above ``threat.eps``, and must then use it instead of ``threat.eps``.
         """
 
     @final
     def __call__(
-        self, model: Model, x: Tensor, y: Tensor, *, threat: ThreatModel, targets: Tensor | None = None
+        self, model: Model, x: Tensor, y: Tensor, *, threat: ThreatModel, targets: Tensor | None = None,
+        radii: Tensor | None = None,
     ) -> AttackResult:
+        """Attack ``x`` within ``threat``; with ``radii`` (N,), each sample within its own radius
+        (at most ``threat.eps``; only for attacks with ``per_sample_eps``)."""
         if threat.norm not in self.norms:
             supported = ", ".join(sorted(n.value for n in self.norms))
             raise RobustkitError(
@@ -100,23 +109,35 @@ class Attack(ABC):
         if threat.targeted and not self.supports_targeted:
             raise RobustkitError(f"attack {self.name!r} has no targeted mode; drop --targeted")
         _check_batch(x, y, threat)
+        if radii is not None:
+            radii = self._check_radii(radii, len(x), threat)
         y = y.long()  # int32 labels are accepted; losses and scatter need int64 indices
         start = time.perf_counter()
         with eval_mode(model), fast_layout(model, x) as x_run:
             if threat.targeted and targets is None:
                 targets = default_targets(predict_logits(model, x_run), y)
             labels = targets.long() if threat.targeted and targets is not None else y
-            raw = self.run(model, x_run, labels, threat)
+            raw = self.run(model, x_run, labels, threat) if radii is None else self.run(  # type: ignore[call-arg]
+                model, x_run, labels, threat, radii=radii.to(x.device))
             if raw.shape != x.shape:
                 raise RobustkitError(
                     f"attack {self.name!r} returned shape {tuple(raw.shape)} for inputs of shape {tuple(x.shape)}"
                 )
-            x_adv = threat.project(x_run, raw.detach().to(device=x.device, dtype=x.dtype))
+            x_adv = threat.project(x_run, raw.detach().to(device=x.device, dtype=x.dtype), radii=radii)
             logits = predict_logits(model, x_adv).to(x.device)
         if x.is_contiguous():
             x_adv = x_adv.contiguous()  # hand back the caller's layout
         success = is_success(logits, labels, threat.targeted)
         return AttackResult(x_adv, success, logits, time.perf_counter() - start)
+
+
+    def _check_radii(self, radii: Tensor, n: int, threat: ThreatModel) -> Tensor:
+        if not self.per_sample_eps:
+            raise RobustkitError(f"attack {self.name!r} takes one eps per call, not one per sample")
+        radii = radii.detach().cpu().double()
+        if radii.shape != (n,) or not bool(((radii >= 0) & (radii <= threat.eps)).all()):
+            raise DataError(f"radii must have shape ({n},) and lie in [0, {threat.eps:g}] (the threat's eps)")
+        return radii
 
 
 def _check_batch(x: Tensor, y: Tensor, threat: ThreatModel) -> None:

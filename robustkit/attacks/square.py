@@ -62,13 +62,17 @@ class Square(Attack):
     norms = frozenset({Norm.LINF})
     Params = SquareParams
     needs_gradients = False
+    per_sample_eps = True
     summary = "score-based random search, no gradients (Andriushchenko et al., 2020)"
 
-    def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+    def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel,
+            radii: Tensor | None = None) -> Tensor:
         p: SquareParams = self.params
         generator = torch.Generator(device=x.device).manual_seed(p.seed)
         n, channels, height, width = x.shape
-        eps, (low, high) = threat.eps, threat.bounds
+        low, high = threat.bounds
+        eps = torch.full((n,), threat.eps) if radii is None else radii
+        eps = eps.to(device=x.device, dtype=x.dtype).view(n, 1, 1, 1)  # each sample's radius
 
         def objective(candidate: Tensor, target: Tensor) -> Tensor:
             """Minimised by the search; negative once the attack succeeds."""
@@ -103,7 +107,7 @@ class Square(Attack):
         best[active] = best_act
         return best
 
-    def _draws(self, generator: torch.Generator, n: int, channels: int, eps: float,
+    def _draws(self, generator: torch.Generator, n: int, channels: int, eps: Tensor,
                x: Tensor) -> Iterator[tuple[int, list[float], Tensor]]:
         """Per query: its number, the square's corner as fractions of the free range, and the
         signed step (n, channels, 1, 1) of every sample.
