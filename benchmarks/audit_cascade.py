@@ -124,8 +124,8 @@ def main() -> None:
     print(f"  certify (seed 0): {certify['seconds']:.1f} s, proven " +
           ", ".join(f"{100 * a:.1f}% at {e:g}" for e, a in certify["certified_accuracy"].items() if a is not None))
     for attack in breakdown["engine"][0]:
-        cells = [f"{way} {breakdown[way][0][attack]['seconds']:.1f} s on {breakdown[way][0][attack]['samples']:.0f} samples"
-                 for way in ("engine", "naive")]
+        spent = {way: breakdown[way][0][attack] for way in ("engine", "naive")}
+        cells = [f"{way} {s['seconds']:.1f} s on {s['samples']:.0f} samples" for way, s in spent.items()]
         print(f"  {attack} (seed 0): " + ", ".join(cells))
 
 

@@ -241,13 +241,12 @@ def _attack_subset(
     """
     samples = torch.cat(list(todo))
     eps = torch.cat([torch.full((len(t),), threat.eps, dtype=torch.float64) for t, threat in zip(todo, threats)])
-    largest = max(threats, key=lambda t: t.eps)
+    largest, single = max(threats, key=lambda t: t.eps), len(threats) == 1
     seconds, rejected = dict.fromkeys((t.eps for t in threats), 0.0), 0
     size = batch_size if attack.needs_gradients else batch_size * GRADIENT_FREE_BATCH_FACTOR
     for rows in _dealt(torch.arange(len(samples)), size, dist_ctx):
         index, radii = samples[rows], eps[rows]
         xb, yb = x[index].to(device), y[index].to(device)
-        single = len(threats) == 1
         result = attack(model, xb, yb, threat=largest, radii=None if single else radii)
         invalid = largest.violations(xb, result.x_adv, radii=radii).cpu()
         rejected += int(invalid.sum())

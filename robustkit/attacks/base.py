@@ -130,7 +130,6 @@ class Attack(ABC):
         success = is_success(logits, labels, threat.targeted)
         return AttackResult(x_adv, success, logits, time.perf_counter() - start)
 
-
     def _check_radii(self, radii: Tensor, n: int, threat: ThreatModel) -> Tensor:
         if not self.per_sample_eps:
             raise RobustkitError(f"attack {self.name!r} takes one eps per call, not one per sample")
