@@ -105,10 +105,14 @@ class Evaluation:
         return float((self.worst_broken_at() > eps).float().mean())
 
     def certified_accuracy(self, eps: float) -> float | None:
-        """Share of samples proven robust at ``eps``: a lower bound on robust accuracy."""
+        """Share of samples proven robust at ``eps``: a lower bound on robust accuracy.
+
+        At eps 0 every correctly classified sample is proven (its ball is itself), and no clean
+        mistake ever is.
+        """
         if self.proven is None or eps not in self.certified_eps:
             return None
-        return float((self.proven >= eps).float().mean())
+        return float(((self.proven >= eps) & self.clean_correct).float().mean())
 
     def proven_to(self) -> Tensor:
         """Per sample, the largest eps at which it was proven robust (0 if none)."""
@@ -145,7 +149,7 @@ def evaluate(
     dist_ctx: DistContext | None = None,
     certify: bool = False,
 ) -> Evaluation:
-    """Run every attack at every eps (ascending) on ``x``; see the module docstring.
+    """Run every attack at every eps (ascending, each once) on ``x``; see the module docstring.
 
     ``on_result`` is called after each (attack, eps) so callers can save partial results; a
     ``KeyboardInterrupt`` stops the run and returns what was computed, marked interrupted.
@@ -159,7 +163,7 @@ def evaluate(
     norms = {t.norm for t in threats}
     if len(norms) != 1:
         raise RobustkitError("evaluate one norm at a time")
-    threats = sorted(threats, key=lambda t: t.eps)
+    threats = sorted(set(threats), key=lambda t: t.eps)
     device = torch.device(device)
     with fast_layout(model, x[:batch_size].to(device)):  # one weight swap for the run, not one per call
         clean_logits = predict_logits(model, x)

@@ -282,6 +282,13 @@ def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch)
     assert "interrupted" in (out / "report.html").read_text()
 
 
+def test_each_eps_is_evaluated_once_in_ascending_order():
+    model, data = trained_digits_model("cnn"), load_digits()
+    threats = [ThreatModel.parse(text) for text in ("linf:0.1", "linf:2/255", "linf:0.1")]
+    evaluation = evaluate(model, data.x[:20], data.y[:20], [NamedAttack("fgsm", FGSM())], threats)
+    assert evaluation.eps == [2 / 255, 0.1]  # one report row per eps
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

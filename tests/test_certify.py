@@ -221,6 +221,17 @@ def test_engine_proven_samples_are_not_attacked_and_not_breakable(engine_runs):
         assert not bool((proven & broken_plain).any()), f"eps {eps}: proven samples broken without certificates"
 
 
+def test_certified_accuracy_at_eps_zero_is_clean_accuracy(cnn, digits):
+    x, y = digits.x[:120], digits.y[:120]
+    threats = [ThreatModel(Norm.LINF, eps) for eps in (0.0, 0.05)]
+    evaluation = evaluate(cnn, x, y, SUITE[:1], threats, certify=True)
+    assert evaluation.clean_accuracy < 1  # some clean mistakes, which no proof may count
+    assert evaluation.certified_accuracy(0.0) == evaluation.clean_accuracy == evaluation.worst_case(0.0)
+    assert evaluation.outcomes[0].attacked[0.0] == 0  # nothing to attack in a ball of radius 0
+    certified = evaluation.certified_accuracy(0.05)
+    assert certified is not None and 0 < certified <= evaluation.worst_case(0.05)
+
+
 def test_engine_on_an_unsupported_model_attacks_everything(digits):
     torch.manual_seed(0)
     model = Normalized(digits_resnet(), mean=[0.3], std=[0.4]).eval()  # residual: not a Sequential chain
