@@ -39,7 +39,7 @@ from robustkit.harden.engine import (
     validation_split,
 )
 from robustkit.testing import trained_digits_model
-from robustkit.threat import ThreatModel
+from robustkit.threat import Norm, ThreatModel
 from robustkit.zoo import digits_cnn
 
 EPS = 0.2
@@ -131,7 +131,7 @@ def test_reduced_precision_trains(
     assert robust >= plain_robustness[1] + 0.15
 
 
-def test_any_registered_attack_is_the_inner_maximiser(host: Any, digits: Dataset) -> None:
+def test_any_registered_attack_is_the_inner_maximiser(host: Any, digits: Dataset, monkeypatch: Any) -> None:
     """pgd-at resolves --attack in the registry and passes only the settings the attack has."""
     defence = PGDAT(epochs=1, attack="fgsm", steps=3)
     inner = defence.inner_attack("bf16")
@@ -139,8 +139,13 @@ def test_any_registered_attack_is_the_inner_maximiser(host: Any, digits: Dataset
     assert PGDAT(steps=4).inner_attack("fp32").params.last_iterate
     with pytest.raises(RobustkitError, match="unknown attack"):
         PGDAT(attack="no-such-attack").check(THREAT)
-    with pytest.raises(RobustkitError, match="supports linf, not l2"):
-        PGDAT(attack="square").check(ThreatModel("l2", 1.0))
+    class LinfOnly(PGD):
+        name = "linf-only"
+        norms = frozenset({Norm.LINF})
+
+    monkeypatch.setattr(PGDAT, "_attack_class", lambda self: LinfOnly)
+    with pytest.raises(RobustkitError, match="attack 'linf-only' supports linf, not l2"):
+        PGDAT(attack="linf-only").check(ThreatModel("l2", 1.0))
 
 
 # -- resume ----------------------------------------------------------------------------------

@@ -1,8 +1,15 @@
-"""Square attack (Andriushchenko et al., 2020), linf: score-based, no gradients.
+"""Square attack (Andriushchenko et al., 2020), linf and l2: score-based, no gradients.
 
 It needs only the model's scores, so it attacks models whose gradients are useless or absent
 (an ONNX graph under onnxruntime, a quantising input layer). An audit runs it after the
 gradient attacks: if it breaks samples they could not, the gradients were masking.
+
+Both norms share the random search: propose a change inside a random square, keep it if the
+margin loss falls. They differ in the proposal:
+- linf: the square is set to ``x ± eps`` (one sign per channel), a vertex of the box;
+- l2: the square gets a peaked pattern (concentric rings, two halves of opposite sign) added
+  to its current content, and a second square is emptied to pay for it, so the perturbation
+  keeps the norm eps.
 """
 from __future__ import annotations
 
@@ -37,11 +44,45 @@ def square_fraction(p_init: float, query: int, queries: int) -> float:
 
 #: Queries whose random squares and signs are drawn at once.
 _BLOCK = 100
+#: Random fractions each query draws: the square's corner (linf); the corners of the square
+#: and of the one emptied to pay for it, and whether the pattern is transposed (l2).
+_FRACTIONS = {Norm.LINF: 2, Norm.L2: 5}
+#: The l2 start tiles the image with a grid of this many squares per side, as the paper does.
+_L2_GRID = 5
 
 
 def _signs(generator: torch.Generator, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """Random +1/-1 of ``shape``, in ``like``'s dtype and on its device."""
     return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+
+
+def _rings(rows: int, cols: int) -> Tensor:
+    """A peak of concentric rectangles around the centre, the k-th weighted 1/(k+1)^2, unit norm.
+
+    A cell at Chebyshev distance r from the centre lies in rings r, r+1, ...: its value is the
+    sum of their weights. The paper uses it as a cheap pseudo-Gaussian bump.
+    """
+    if rows == 0:
+        return torch.zeros(0, cols)
+    centre_row, centre_col = rows // 2, cols // 2
+    distance = torch.maximum((torch.arange(rows) - centre_row).abs().view(-1, 1),
+                             (torch.arange(cols) - centre_col).abs().view(1, -1))
+    weights = 1.0 / torch.arange(1, max(centre_row, centre_col) + 2, dtype=torch.float32) ** 2
+    tail = weights.flip(0).cumsum(0).flip(0)  # tail[r] = sum of the weights of rings r, r+1, ...
+    bump = tail[distance]
+    return bump / bump.norm()
+
+
+def _l2_pattern(side: int, transposed: bool) -> Tensor:
+    """The l2 proposal's pattern: a positive bump over a negative one, unit norm."""
+    pattern = torch.cat([_rings(side // 2, side), -_rings(side - side // 2, side)])
+    pattern = pattern / pattern.norm()
+    return pattern.T.contiguous() if transposed else pattern
+
+
+def _norms(t: Tensor, dims: int) -> Tensor:
+    """l2 norm over the last ``dims`` dimensions, kept as size-1 dimensions for broadcasting."""
+    return t.flatten(-dims).norm(dim=-1).view(*t.shape[:-dims], *[1] * dims)
 
 
 @dataclass(frozen=True)
@@ -56,14 +97,14 @@ class SquareParams:
 
 
 class Square(Attack):
-    """Random search over square-shaped linf perturbations, guided by the margin loss."""
+    """Random search over square-shaped perturbations (linf or l2), guided by the margin loss."""
 
     name = "square"
-    norms = frozenset({Norm.LINF})
+    norms = frozenset({Norm.LINF, Norm.L2})
     Params = SquareParams
     needs_gradients = False
     per_sample_eps = True
-    summary = "score-based random search, no gradients (Andriushchenko et al., 2020)"
+    summary = "score-based random search, no gradients, linf and l2 (Andriushchenko et al., 2020)"
 
     def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel,
             radii: Tensor | None = None) -> Tensor:
@@ -71,6 +112,7 @@ class Square(Attack):
         generator = torch.Generator(device=x.device).manual_seed(p.seed)
         n, channels, height, width = x.shape
         low, high = threat.bounds
+        linf = threat.norm is Norm.LINF
         eps = torch.full((n,), threat.eps) if radii is None else radii
         eps = eps.to(device=x.device, dtype=x.dtype).view(n, 1, 1, 1)  # each sample's radius
 
@@ -80,20 +122,26 @@ class Square(Attack):
                 margin = margin_loss(model(candidate).float(), target)  # best other - target
             return margin if threat.targeted else -margin
 
-        best = (x + eps * _signs(generator, (n, channels, 1, width), x)).clamp(low, high)  # vertical stripes
+        # linf: vertical stripes at +-eps; l2: the paper's grid of patterns
+        start = eps * _signs(generator, (n, channels, 1, width), x) if linf else self._l2_start(generator, x, eps)
+        best = (x + start).clamp(low, high)
         loss = objective(best, labels)
         # Work on the samples still standing only; re-gather them only when some fall.
         active = (loss >= 0).nonzero().squeeze(1)
         x_act, best_act, loss_act, labels_act = x[active], best[active], loss[active], labels[active]
-        for query, (u, v), step in self._draws(generator, n, channels, eps, x):
+        for query, fractions, signs in self._draws(generator, n, channels, eps if linf else 1.0, x, threat.norm):
             if active.numel() == 0:
                 break
-            side = round(math.sqrt(square_fraction(p.p_init, query, p.queries) * height * width))
-            side = min(max(side, 1), max(min(height, width) - 1, 1))
-            top, left = int(u * (height - side + 1)), int(v * (width - side + 1))
-            candidate = best_act.clone()
-            candidate[:, :, top : top + side, left : left + side] = (
-                x_act[:, :, top : top + side, left : left + side] + step[active]).clamp(low, high)
+            share = square_fraction(p.p_init, query, p.queries)
+            if linf:
+                side = _side(share, height, width, smallest=1)
+                window = _window(fractions[0], fractions[1], side, height, width)
+                candidate = best_act.clone()
+                candidate[window] = (x_act[window] + signs[active]).clamp(low, high)
+            else:
+                side = _side(share, height, width, smallest=3)
+                candidate = _l2_candidate(x_act, best_act, eps[active], signs[active], side, fractions,
+                                          (low, high))
             new_loss = objective(candidate, labels_act)
             better = new_loss < loss_act
             best_act = torch.where(better.view(-1, 1, 1, 1), candidate, best_act)
@@ -107,10 +155,25 @@ class Square(Attack):
         best[active] = best_act
         return best
 
-    def _draws(self, generator: torch.Generator, n: int, channels: int, eps: Tensor,
-               x: Tensor) -> Iterator[tuple[int, list[float], Tensor]]:
-        """Per query: its number, the square's corner as fractions of the free range, and the
-        signed step (n, channels, 1, 1) of every sample.
+    @staticmethod
+    def _l2_start(generator: torch.Generator, x: Tensor, eps: Tensor) -> Tensor:
+        """The paper's l2 start: patterns with random signs per channel, tiled from a margin
+        over the image (squares of a fifth of its side), scaled to eps."""
+        n, channels, height, width = x.shape
+        tile = max(min(height, width) // _L2_GRID, 1)
+        start = torch.zeros_like(x)
+        top0, left0 = max((height - _L2_GRID * tile) // 2, 0), max((width - _L2_GRID * tile) // 2, 0)
+        pattern = _l2_pattern(tile, transposed=False).to(device=x.device, dtype=x.dtype)
+        for top in range(top0, height - tile + 1, tile):
+            for left in range(left0, width - tile + 1, tile):
+                signs = _signs(generator, (n, channels, 1, 1), x)
+                start[:, :, top : top + tile, left : left + tile] += pattern * signs
+        return start / _norms(start, 3).clamp_min(1e-12) * eps
+
+    def _draws(self, generator: torch.Generator, n: int, channels: int, scale: Tensor | float, x: Tensor,
+               norm: Norm) -> Iterator[tuple[int, list[float], Tensor]]:
+        """Per query: its number, its random fractions (``_FRACTIONS``) and ``scale`` times a
+        random sign per sample and channel (n, channels, 1, 1).
 
         Drawn in blocks of queries, not one query at a time: a small batch's query costs little
         more than the fixed overhead of its operations, so every operation saved counts.
@@ -118,5 +181,45 @@ class Square(Attack):
         queries: int = self.params.queries
         for block in range(1, queries, _BLOCK):
             numbers = range(block, min(block + _BLOCK, queries))
-            corners = torch.rand((len(numbers), 2), generator=generator, device=x.device).tolist()
-            yield from zip(numbers, corners, eps * _signs(generator, (len(numbers), n, channels, 1, 1), x))
+            fractions = torch.rand((len(numbers), _FRACTIONS[norm]), generator=generator, device=x.device).tolist()
+            yield from zip(numbers, fractions, scale * _signs(generator, (len(numbers), n, channels, 1, 1), x))
+
+
+def _side(share: float, height: int, width: int, smallest: int) -> int:
+    """The square's side for a ``share`` of the image, at least ``smallest``, short of the image.
+
+    l2 squares are odd (rounded up, as the paper does), so that the pattern's rings have a centre.
+    """
+    side = max(round(math.sqrt(share * height * width)), smallest)
+    side = min(side, max(min(height, width) - 1, 1))
+    if smallest > 1 and side % 2 == 0:
+        side = side + 1 if side + 1 < min(height, width) else side - 1
+    return side
+
+
+def _window(u: float, v: float, side: int, height: int, width: int) -> tuple[slice, ...]:
+    """The square with its corner at fractions ``u``, ``v`` of the free range."""
+    top, left = int(u * (height - side + 1)), int(v * (width - side + 1))
+    return slice(None), slice(None), slice(top, top + side), slice(left, left + side)
+
+
+def _l2_candidate(x: Tensor, best: Tensor, eps: Tensor, signs: Tensor, side: int, fractions: list[float],
+                  bounds: tuple[float, float]) -> Tensor:
+    """The paper's l2 proposal, per channel: the first square keeps the direction of its current
+    content plus a signed pattern; the second is emptied; the first takes over both squares'
+    energy and whatever the budget eps has left, so the whole perturbation keeps norm eps."""
+    height, width = x.shape[-2:]
+    first = _window(fractions[0], fractions[1], side, height, width)
+    second = _window(fractions[2], fractions[3], side, height, width)
+    delta = best - x
+    both = torch.zeros_like(delta)
+    both[second], both[first] = delta[second], delta[first]
+    unused = (eps**2 - _norms(delta, 3) ** 2).clamp_min(0) / x.shape[1]
+    budget = (unused + _norms(both, 2) ** 2).sqrt()  # (n, channels, 1, 1)
+    pattern = _l2_pattern(side, transposed=fractions[4] > 0.5).to(device=x.device, dtype=x.dtype)
+    proposal = pattern * signs + delta[first] / _norms(delta[first], 2).clamp_min(1e-12)
+    delta = delta.clone()
+    delta[second] = 0
+    delta[first] = proposal / _norms(proposal, 2).clamp_min(1e-12) * budget
+    delta = delta / _norms(delta, 3).clamp_min(1e-12) * eps
+    return (x + delta).clamp(*bounds)
