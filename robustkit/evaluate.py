@@ -185,13 +185,18 @@ def evaluate(
                     bar.update(task, description=f"{named.name} {at[0].norm}:{','.join(f'{t.eps:g}' for t in at)}")
                     standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
                     todo = [((standing > t.eps) & _not_proven(evaluation, t.eps)).nonzero().squeeze(1) for t in at]
+                    done = sum(len(o.seconds) for o in outcomes)  # (attack, eps) steps finished
+
+                    def batch_done(share: float) -> None:  # a long run moves the bar batch by batch
+                        bar.advance(task, len(at) * share)
+
                     seconds, rejected = _attack_subset(named.attack, model, x, y, todo, at, outcome.broken_at,
-                                                       batch_size, device, dist_ctx)
+                                                       batch_size, device, dist_ctx, batch_done)
                     for threat, samples in zip(at, todo):
                         outcome.seconds[threat.eps] = seconds[threat.eps]
                         outcome.attacked[threat.eps] = int(samples.numel())
                     outcome.rejected += rejected
-                    bar.advance(task, len(at))
+                    bar.update(task, completed=done + len(at))  # exact, whatever share this rank's batches had
                     if on_result is not None:
                         on_result(evaluation)
 
@@ -236,9 +241,11 @@ def _batches_eps(attack: Attack) -> bool:
 def _attack_subset(
     attack: Attack, model: Model, x: Tensor, y: Tensor, todo: Sequence[Tensor], threats: Sequence[ThreatModel],
     broken_at: Tensor, batch_size: int, device: torch.device, dist_ctx: DistContext,
+    batch_done: Callable[[float], None],
 ) -> tuple[dict[float, float], int]:
     """Attack ``x[todo[k]]`` at ``threats[k]`` for every k, in batches that may mix eps; record
-    each newly broken sample at the smallest eps that broke it.
+    each newly broken sample at the smallest eps that broke it. ``batch_done`` gets each
+    batch's share of the samples.
 
     Returns the seconds spent at each eps (a batch's time is shared out by its samples at each
     eps, as each costs the attack the same budget) and the number of examples rejected.
@@ -260,6 +267,7 @@ def _attack_subset(
         broken_at.scatter_reduce_(0, index[broken], radii[broken].to(broken_at.dtype), reduce="amin")
         for radius in radii.unique().tolist():
             seconds[radius] += result.seconds * float((radii == radius).double().mean())
+        batch_done(len(rows) / len(samples))
     all_reduce_min_(broken_at, dist_ctx)
     return {e: all_reduce_sum(s, dist_ctx) for e, s in seconds.items()}, int(all_reduce_sum(rejected, dist_ctx))
 

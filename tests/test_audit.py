@@ -282,6 +282,45 @@ def test_interrupted_audit_writes_partial_report(weights, tmp_path, monkeypatch)
     assert "interrupted" in (out / "report.html").read_text()
 
 
+class RecordingBar:
+    """Stands in for the rich progress display: records how far each update takes the bar."""
+
+    def __init__(self) -> None:
+        self.completed, self.trail = 0.0, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description, total):
+        self.total = total
+        return 0
+
+    def advance(self, task, amount):
+        self.completed += amount
+        self.trail.append(self.completed)
+
+    def update(self, task, description=None, completed=None):
+        if completed is not None:
+            self.completed = completed
+            self.trail.append(completed)
+
+
+def test_progress_moves_batch_by_batch_within_a_run_over_every_eps(monkeypatch):
+    bar = RecordingBar()
+    monkeypatch.setattr("robustkit.evaluate.progress", lambda: bar)
+    model, data = trained_digits_model("cnn"), load_digits()
+    eps = [0.1, 0.2, 0.3, 0.4]
+    suite = [NamedAttack("grey", Fade(towards_grey=True, per_sample_eps=True))]
+    evaluate(model, data.x[:150], data.y[:150], suite, [ThreatModel(Norm.LINF, e) for e in eps], batch_size=32)
+    batches = len(suite[0].attack.calls)  # one run over every eps, in batches of 4 x 32 samples
+    assert batches > 1
+    assert bar.trail == sorted(bar.trail) and len(bar.trail) == batches + 1  # each batch, then the exact end
+    assert 0 < bar.trail[0] < 1 and bar.trail[-1] == bar.total == len(eps)
+
+
 def test_each_eps_is_evaluated_once_in_ascending_order():
     model, data = trained_digits_model("cnn"), load_digits()
     threats = [ThreatModel.parse(text) for text in ("linf:0.1", "linf:2/255", "linf:0.1")]
