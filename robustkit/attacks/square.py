@@ -13,6 +13,7 @@ margin loss falls. They differ in the proposal:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -73,8 +74,10 @@ def _rings(rows: int, cols: int) -> Tensor:
     return bump / bump.norm()
 
 
+@functools.cache
 def _l2_pattern(side: int, transposed: bool) -> Tensor:
-    """The l2 proposal's pattern: a positive bump over a negative one, unit norm."""
+    """The l2 proposal's pattern: a positive bump over a negative one, unit norm (cached: a
+    handful of sides recur over thousands of queries; callers never modify it)."""
     pattern = torch.cat([_rings(side // 2, side), -_rings(side - side // 2, side)])
     pattern = pattern / pattern.norm()
     return pattern.T.contiguous() if transposed else pattern
@@ -157,15 +160,17 @@ class Square(Attack):
 
     @staticmethod
     def _l2_start(generator: torch.Generator, x: Tensor, eps: Tensor) -> Tensor:
-        """The paper's l2 start: patterns with random signs per channel, tiled from a margin
-        over the image (squares of a fifth of its side), scaled to eps."""
+        """The paper's l2 start: patterns (each transposed or not at random) with random signs
+        per channel, tiled from a margin over the image (squares of a fifth of its side),
+        scaled to eps."""
         n, channels, height, width = x.shape
         tile = max(min(height, width) // _L2_GRID, 1)
         start = torch.zeros_like(x)
         top0, left0 = max((height - _L2_GRID * tile) // 2, 0), max((width - _L2_GRID * tile) // 2, 0)
-        pattern = _l2_pattern(tile, transposed=False).to(device=x.device, dtype=x.dtype)
         for top in range(top0, height - tile + 1, tile):
             for left in range(left0, width - tile + 1, tile):
+                transposed = float(torch.rand((), generator=generator, device=x.device)) > 0.5
+                pattern = _l2_pattern(tile, transposed).to(device=x.device, dtype=x.dtype)
                 signs = _signs(generator, (n, channels, 1, 1), x)
                 start[:, :, top : top + tile, left : left + tile] += pattern * signs
         return start / _norms(start, 3).clamp_min(1e-12) * eps
