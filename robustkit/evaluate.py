@@ -152,8 +152,8 @@ def evaluate(
     """Run every attack at every eps (ascending, each once) on ``x``; see the module docstring.
 
     ``on_result`` is called after each (attack, eps), or after an attack's one run over every
-    eps, so callers can save partial results; a
-    ``KeyboardInterrupt`` stops the run and returns what was computed, marked interrupted.
+    eps, so callers can save partial results; a ``KeyboardInterrupt`` stops the run and
+    returns what was computed, marked interrupted.
     Under ``torchrun`` (``dist_ctx``), every rank holds all samples and the batches of each
     stage are dealt out round-robin, then merged; the batches are the ones a single process
     would form, so the result equals a single-process run.
