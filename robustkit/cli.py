@@ -121,7 +121,8 @@ def describe_entry(entry: Any) -> dict[str, Any]:
                             "aliases": list(entry.aliases), "summary": entry.summary}
     if hasattr(obj, "norms"):  # attacks, and defences that declare the norms they train for
         info["norms"] = sorted(n.value for n in obj.norms)
-    for key, attr in (("targeted", "supports_targeted"), ("gradients", "needs_gradients")):
+    for key, attr in (("targeted", "supports_targeted"), ("gradients", "needs_gradients"),
+                      ("per_sample_eps", "per_sample_eps")):
         if hasattr(obj, attr):
             info[key] = bool(getattr(obj, attr))
     if hasattr(obj, "kind") and isinstance(getattr(obj, "kind", None), str):

@@ -40,6 +40,7 @@ def test_attacks_list_json(host: Host) -> None:
     assert {"robustkit:fgsm", "robustkit:pgd"} <= set(rows)
     pgd = rows["robustkit:pgd"]
     assert pgd["norms"] == ["l2", "linf"] and pgd["targeted"] is True and pgd["gradients"] is True
+    assert pgd["per_sample_eps"] is False and rows["robustkit:square"]["per_sample_eps"] is True
     assert pgd["summary"] and "madry" in pgd["aliases"]
     assert [row["name"] for row in json_of(invoke("attacks", "list", "*:fg*", "--json"))] == ["robustkit:fgsm"]
     assert json_of(invoke("attacks", "list", "nothing-*", "--json")) == []
