@@ -75,12 +75,12 @@ def _rings(rows: int, cols: int) -> Tensor:
 
 
 @functools.cache
-def _l2_pattern(side: int, transposed: bool) -> Tensor:
-    """The l2 proposal's pattern: a positive bump over a negative one, unit norm (cached: a
-    handful of sides recur over thousands of queries; callers never modify it)."""
+def _l2_pattern(side: int, transposed: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The l2 proposal's pattern: a positive bump over a negative one, unit norm (cached where
+    it is used: a handful of sides recur over thousands of queries; callers never modify it)."""
     pattern = torch.cat([_rings(side // 2, side), -_rings(side - side // 2, side)])
     pattern = pattern / pattern.norm()
-    return pattern.T.contiguous() if transposed else pattern
+    return (pattern.T if transposed else pattern).to(device=device, dtype=dtype).contiguous()
 
 
 def _norms(t: Tensor, dims: int) -> Tensor:
@@ -170,7 +170,7 @@ class Square(Attack):
         for top in range(top0, height - tile + 1, tile):
             for left in range(left0, width - tile + 1, tile):
                 transposed = float(torch.rand((), generator=generator, device=x.device)) > 0.5
-                pattern = _l2_pattern(tile, transposed).to(device=x.device, dtype=x.dtype)
+                pattern = _l2_pattern(tile, transposed, x.device, x.dtype)
                 signs = _signs(generator, (n, channels, 1, 1), x)
                 start[:, :, top : top + tile, left : left + tile] += pattern * signs
         return start / _norms(start, 3).clamp_min(1e-12) * eps
@@ -221,7 +221,7 @@ def _l2_candidate(x: Tensor, best: Tensor, eps: Tensor, signs: Tensor, side: int
     both[second], both[first] = delta[second], delta[first]
     unused = (eps**2 - _norms(delta, 3) ** 2).clamp_min(0) / x.shape[1]
     budget = (unused + _norms(both, 2) ** 2).sqrt()  # (n, channels, 1, 1)
-    pattern = _l2_pattern(side, transposed=fractions[4] > 0.5).to(device=x.device, dtype=x.dtype)
+    pattern = _l2_pattern(side, fractions[4] > 0.5, x.device, x.dtype)
     proposal = pattern * signs + delta[first] / _norms(delta[first], 2).clamp_min(1e-12)
     delta = delta.clone()
     delta[second] = 0
