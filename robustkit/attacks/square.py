@@ -137,12 +137,12 @@ class Square(Attack):
                 break
             share = square_fraction(p.p_init, query, p.queries)
             if linf:
-                side = _side(share, height, width, smallest=1)
+                side = _side(share, height, width, l2=False)
                 window = _window(fractions[0], fractions[1], side, height, width)
                 candidate = best_act.clone()
                 candidate[window] = (x_act[window] + signs[active]).clamp(low, high)
             else:
-                side = _side(share, height, width, smallest=3)
+                side = _side(share, height, width, l2=True)
                 candidate = _l2_candidate(x_act, best_act, eps[active], signs[active], side, fractions,
                                           (low, high))
             new_loss = objective(candidate, labels_act)
@@ -190,14 +190,15 @@ class Square(Attack):
             yield from zip(numbers, fractions, scale * _signs(generator, (len(numbers), n, channels, 1, 1), x))
 
 
-def _side(share: float, height: int, width: int, smallest: int) -> int:
-    """The square's side for a ``share`` of the image, at least ``smallest``, short of the image.
+def _side(share: float, height: int, width: int, l2: bool) -> int:
+    """The square's side for a ``share`` of the image, short of the image.
 
-    l2 squares are odd (rounded up, as the paper does), so that the pattern's rings have a centre.
+    l2 squares are at least 3 and odd (rounded up, as the paper does), so that the pattern's
+    rings have a centre; linf squares at least 1.
     """
-    side = max(round(math.sqrt(share * height * width)), smallest)
+    side = max(round(math.sqrt(share * height * width)), 3 if l2 else 1)
     side = min(side, max(min(height, width) - 1, 1))
-    if smallest > 1 and side % 2 == 0:
+    if l2 and side % 2 == 0:
         side = side + 1 if side + 1 < min(height, width) else side - 1
     return side
 
