@@ -22,7 +22,7 @@ import torch
 from robustkit import checks
 from robustkit.attacks.base import Attack
 from robustkit.data import Dataset, load_dataset
-from robustkit.distributed import DistContext, init_distributed
+from robustkit.distributed import DistContext, distributed_session
 from robustkit.errors import ParamsError, RobustkitError
 from robustkit.evaluate import NEVER, Evaluation, NamedAttack, evaluate
 from robustkit.host import get_host
@@ -264,9 +264,17 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
 
 
 def run_audit(config: AuditConfig) -> dict[str, Any]:
-    """Run the audit and return the report document (also written to ``config.out``)."""
+    """Run the audit and return the report document (also written to ``config.out``).
+
+    Under torchrun every rank returns only after rank 0 has written the report, with the
+    process group ended (``distributed_session``).
+    """
+    with distributed_session(config.load.device) as dist_ctx:
+        return _run_audit(config, dist_ctx)
+
+
+def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
     started = time.perf_counter()
-    dist_ctx: DistContext = init_distributed(config.load.device)
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.load)
     data = load_dataset(config.data)

@@ -7,6 +7,8 @@ CPU) and are no-ops in a single process.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,39 @@ def init_distributed(device: str = "cpu") -> DistContext:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextmanager
+def distributed_session(device: str = "cpu") -> Iterator[DistContext]:
+    """The process group of one job (audit, harden), ended cleanly on every rank and every path.
+
+    When the job succeeds, every rank waits at a barrier until all are done, rank 0 included
+    (it alone writes the outputs): a rank that reaches interpreter exit while another still
+    works can abort in gloo's teardown ("terminate called without an active exception"), and
+    torchrun then kills the rank that was still writing. The group is destroyed in ``finally``
+    on every rank, if this session created it (a caller's own group is left to the caller).
+    On an error or Ctrl-C the barrier is skipped, so no rank waits for one that has left;
+    torchrun ends the others when this rank exits non-zero.
+    """
+    created = launched_by_torchrun() and not dist.is_initialized()
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+        if ctx.enabled:
+            barrier(ctx)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here (no-op in one process)."""
+    if not ctx.enabled:
+        return
+    if dist.get_backend() == "nccl":  # nccl wants the device of this rank named
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def all_reduce_min_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -386,6 +386,7 @@ def test_torchrun_two_processes_equal_single_process(weights, tmp_path, run_robu
     assert single.returncode == 0, single.stderr
     multi = run_robustkit(*common, "--out", tmp_path / "two", processes=2, env=env)
     assert multi.returncode == 0, multi.stderr[-2000:]
+    assert "terminate called" not in multi.stderr  # every rank ended its process group cleanly
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert [(r["attack"], r["eps"], r["robust_accuracy"]) for r in one["results"]] == [

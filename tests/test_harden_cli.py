@@ -171,7 +171,9 @@ def test_torchrun_two_processes_match_one_in_quality(host: Any, tmp_path: Path, 
     assert single.exit_code == 0, single.output
     run = run_robustkit("harden", *args, "--out", tmp_path / "two", processes=2, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "terminate called" not in run.stderr  # every rank ended its process group cleanly
     two, one = json.loads(run.stdout), json.loads(single.output)  # only rank 0 printed
+    assert all(Path(path).is_file() for path in two["outputs"].values()), two["outputs"]
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert abs(two["after"]["robust_accuracy"] - one["after"]["robust_accuracy"]) <= 0.05
     assert abs(two["after"]["clean_accuracy"] - one["after"]["clean_accuracy"]) <= 0.05

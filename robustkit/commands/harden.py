@@ -191,23 +191,13 @@ def harden(ctx: click.Context, **values: Any) -> None:
         attack=attack,
         run=run,
     )
-    try:
-        summary = run_harden(request)
-    finally:
-        _leave_process_group()
+    summary = run_harden(request)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if values["as_json"]:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
         print_summary(summary)
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def print_summary(summary: dict[str, Any]) -> None:

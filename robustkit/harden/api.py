@@ -26,7 +26,7 @@ from torch import nn
 from robustkit import __version__
 from robustkit.data import Dataset, load_dataset
 from robustkit.defences import Defence, DefenceResult
-from robustkit.distributed import DistContext, init_distributed
+from robustkit.distributed import DistContext, distributed_session
 from robustkit.errors import RobustkitError
 from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.harden import checkpoint
@@ -209,7 +209,16 @@ def resolved_config(
 
 
 def harden(request: HardenRequest) -> dict[str, Any]:
-    """Run ``robustkit harden``; returns the summary document (also written as summary.json)."""
+    """Run ``robustkit harden``; returns the summary document (also written as summary.json).
+
+    Under torchrun every rank returns only after rank 0 has written the outputs, with the
+    process group ended (``distributed_session``).
+    """
+    with distributed_session(request.run.device) as world:
+        return _harden(request, world)
+
+
+def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
     started = time.perf_counter()
     run = request.run
     if run.out_dir is None:
@@ -229,7 +238,6 @@ def harden(request: HardenRequest) -> dict[str, Any]:
     threat = resolve_threat(request.threat, request.eps, data.bounds)
     if isinstance(defence, TrainingDefence):
         defence.check(threat)
-    world = init_distributed(run.device)
     device = resolve_device(run.device, world)
     torch.manual_seed(getattr(defence.params, "seed", 0))  # fresh built-in weights are seeded
     loaded = load_model(

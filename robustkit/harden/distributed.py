@@ -68,8 +68,3 @@ def gather_tensors(tensor: torch.Tensor, world: DistContext) -> torch.Tensor:
     parts = [torch.empty_like(wire) for _ in range(world.world_size)]
     dist.all_gather(parts, wire)
     return torch.cat(parts).to(tensor.device)
-
-
-def barrier(world: DistContext) -> None:
-    if world.enabled:
-        dist.barrier()
