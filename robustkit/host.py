@@ -39,6 +39,8 @@ REGISTER_HOOKS = {
     "robustkit_register_exporters": "exporters",
     "robustkit_register_datasets": "datasets",
 }
+#: hooks whose every result is gathered; a failing implementation is skipped, not fatal
+COLLECT_HOOKS = ("robustkit_report_sections",)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Host:
         self.strict = os.environ.get("ROBUSTKIT_STRICT_PLUGINS", "") not in ("", "0", "false")
         self.disabled = _env_list("ROBUSTKIT_DISABLE_PLUGINS")
         self._registries: dict[str, Registry[Any]] | None = None
+        self._staged: list[tuple[PluginRecord, Registry[Any]]] = []  # register hooks' output
+        self._collected: tuple[str, list[tuple[str, Any]]] | None = None  # collect()'s results
         if builtins:
             for module_name in BUILTIN_PLUGINS:
                 load = functools.partial(importlib.import_module, module_name)
@@ -126,6 +130,7 @@ class Host:
             if unknown:
                 raise RobustkitError(f"unknown hook {unknown[0]!r}; see docs/plugin-hooks.md for the hook names")
             self.pm.register(plugin, name=name)
+            self._guard_impls(plugin, record)
             record.hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or ())
         except Exception as err:
             self._fail(record, err)
@@ -156,28 +161,83 @@ class Host:
         """Register an in-memory plugin object (tests, notebooks, the Python API)."""
         return self._add(name, provider or name, "registered from code", lambda: plugin)
 
-    # -- calling hooks one implementation at a time ------------------------------------------
-    def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
-        """Implementations in pluggy's call order (last registered first, tryfirst honoured)."""
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+    # -- dispatch: pluggy calls the hooks, each implementation runs inside a guard ------------
+    def _guard_impls(self, plugin: Any, record: PluginRecord) -> None:
+        """Wrap each of ``plugin``'s hook implementations so that pluggy's own dispatch
+        (``pm.hook.*``: wrappers, firstresult, tryfirst/trylast) calls them, and a failure is
+        still charged to this plugin alone. Wrapper implementations (generators) run unguarded:
+        they see and shape the whole call, as pluggy documents."""
+        for caller in self.pm.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    # HookImpl.function is typed Final, but it is what _multicall calls: the guard
+                    # goes there so that pluggy still dispatches (argnames stay the original's).
+                    impl.function = self._guarded(caller.name, impl.function, record)  # type: ignore[misc]
 
-    def _call(self, impl: pluggy.HookImpl, **kwargs: Any) -> Any:
-        return impl.function(*[kwargs[arg] for arg in impl.argnames])
+    def _guarded(self, hook_name: str, function: Callable[..., Any], record: PluginRecord) -> Callable[..., Any]:
+        register = hook_name in REGISTER_HOOKS
+
+        @functools.wraps(function)
+        def call(*args: Any) -> Any:
+            try:
+                if register:  # stage into a registry of the plugin's own, bound to its provider
+                    (registry,) = args
+                    staged: Registry[Any] = Registry(registry.kind, registry.plural)
+                    function(ProviderRegistry(staged, record.provider, record.name))
+                    self._staged.append((record, staged))
+                    return None
+                result = function(*args)
+            except RobustkitError as err:
+                if hook_name == "robustkit_load_model":
+                    raise  # a loader's refusal, with its reason, is the answer
+                return self._charge(record, hook_name, err)
+            except Exception as err:
+                return self._charge(record, hook_name, err)
+            if self._collected is not None and hook_name == self._collected[0]:
+                self._collected[1].append((record.name, result))
+            return result
+
+        return call
+
+    def _charge(self, record: PluginRecord, hook_name: str, err: BaseException) -> None:
+        """A hook implementation failed: the plugin is marked failed (register hooks,
+        commands), the load is refused naming it (model loaders), or the failure is logged
+        and skipped (report sections)."""
+        if hook_name == "robustkit_load_model":
+            raise RobustkitError(f"plugin {record.name!r} failed in {hook_name}: {_one_line(err)}") from err
+        if hook_name in COLLECT_HOOKS:
+            if self.strict:
+                raise err
+            log.warning("plugin %r failed in %s: %s", record.name, hook_name, _one_line(err))
+            return None
+        self._fail(record, err)
+        return None
 
     def _run_register_hooks(self, only: str | None = None) -> None:
+        """Call every register hook through pluggy (``only``: one newly added plugin's), then
+        add what each plugin staged in load order: built-ins first, so a clashing name is
+        charged to the plugin that came later, never to the built-ins."""
         assert self._registries is not None
         for hook_name, attr in REGISTER_HOOKS.items():
-            # Load order, not pluggy's last-first call order: built-ins register first, so a
-            # clashing name is charged to the plugin that came later, never to the built-ins.
-            for impl in reversed(self._impls(hook_name)):
-                record = self.records[impl.plugin_name]
-                if (only and impl.plugin_name != only) or not record.ok:
+            self._staged = []
+            self._caller(hook_name, only)(registry=self._registries[attr])
+            order = list(self.records)
+            for record, staged in sorted(self._staged, key=lambda pair: order.index(pair[0].name)):
+                if not record.ok:
                     continue
-                bound = ProviderRegistry(self._registries[attr], record.provider, record.name)
                 try:
-                    self._call(impl, registry=bound)
+                    for entry in staged:
+                        self._registries[attr].add_entry(entry)
                 except Exception as err:
                     self._fail(record, err)
+            self._staged = []
+
+    def _caller(self, hook_name: str, only: str | None) -> Any:
+        """The hook caller of every plugin, or of the plugin named ``only``."""
+        if only is None:
+            return getattr(self.pm.hook, hook_name)
+        others = [plugin for name, plugin in self.pm.list_name_plugin() if name != only]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
 
     @property
     def registries(self) -> dict[str, Registry[Any]]:
@@ -209,36 +269,20 @@ class Host:
 
     def first_result(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a firstresult hook; a plugin's crash becomes a one-line error naming it."""
-        for impl in self._impls(hook_name):
-            try:
-                result = self._call(impl, **kwargs)
-            except RobustkitError:
-                raise
-            except Exception as err:
-                raise RobustkitError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {_one_line(err)}") from err
-            if result is not None:
-                return result
-        return None
+        return getattr(self.pm.hook, hook_name)(**kwargs)
 
     def collect(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation; failures are logged and charged to the plugin."""
-        results = []
-        for impl in self._impls(hook_name):
-            try:
-                results.append((impl.plugin_name, self._call(impl, **kwargs)))
-            except Exception as err:
-                if self.strict:
-                    raise
-                log.warning("plugin %r failed in %s: %s", impl.plugin_name, hook_name, _one_line(err))
-        return results
+        """Every implementation's result with its plugin's name; failures are logged and
+        charged to the plugin."""
+        self._collected = (hook_name, [])
+        try:
+            getattr(self.pm.hook, hook_name)(**kwargs)
+            return self._collected[1]
+        finally:
+            self._collected = None
 
     def register_commands(self, cli: Any) -> None:
-        for impl in self._impls("robustkit_register_commands"):
-            record = self.records[impl.plugin_name]
-            try:
-                self._call(impl, cli=cli)
-            except Exception as err:
-                self._fail(record, err)
+        self.pm.hook.robustkit_register_commands(cli=cli)
 
     def plugins(self) -> list[PluginRecord]:
         self.registries  # noqa: B018 - running the register hooks can mark plugins failed

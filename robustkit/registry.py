@@ -67,19 +67,22 @@ class Registry(Generic[T]):
                     f"{self.kind} name {label!r} from plugin {plugin!r} is not valid: "
                     "use lower-case letters, digits, '-', '_' or '.'"
                 )
-        entry = Entry(self.kind, provider, name, obj, plugin, tuple(aliases), summary)
-        for label in (name, *aliases):
-            key = f"{provider}:{label}"
+        return self.add_entry(Entry(self.kind, provider, name, obj, plugin, tuple(aliases), summary))
+
+    def add_entry(self, entry: Entry[T]) -> Entry[T]:
+        """Add a built entry (e.g. one staged in a plugin's own registry); names must be free."""
+        for label in (entry.name, *entry.aliases):
+            key = f"{entry.provider}:{label}"
             existing = self._entries.get(key) or self._entries.get(self._aliases.get(key, ""))
             if existing is not None:
                 raise DuplicateNameError(
                     f"{self.kind} {key!r} is registered twice: by plugin {existing.plugin!r} "
-                    f"and by plugin {plugin!r}; rename one or disable a plugin with "
+                    f"and by plugin {entry.plugin!r}; rename one or disable a plugin with "
                     "ROBUSTKIT_DISABLE_PLUGINS"
                 )
         self._entries[entry.qualified_name] = entry
-        for alias in aliases:
-            self._aliases[f"{provider}:{alias}"] = entry.qualified_name
+        for alias in entry.aliases:
+            self._aliases[f"{entry.provider}:{alias}"] = entry.qualified_name
         return entry
 
     def remove_plugin(self, plugin: str) -> None:

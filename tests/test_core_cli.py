@@ -32,7 +32,11 @@ def test_plugins_json(host: Host) -> None:
 
 def test_plugins_table(host: Host) -> None:
     result = invoke("plugins")
-    assert result.exit_code == 0 and "robustkit.builtins.plugin" in result.stdout and "ok" in result.stdout
+    assert result.exit_code == 0, result.output
+    # the row's status cell, not any "ok" (the header "hooks" holds one)
+    (row,) = [line for line in result.stdout.splitlines() if "robustkit.builtins.plugin" in line]
+    cells = [cell.strip() for cell in row.strip("│┃| ").split("│")]
+    assert cells[:3] == ["robustkit.builtins.plugin", "robustkit", "ok"], cells
 
 
 def test_attacks_list_json(host: Host) -> None:

@@ -305,3 +305,52 @@ def test_crashing_loader_is_one_line_error_naming_the_plugin(
         str(info.value)
         == "plugin 'crashy' failed in robustkit_load_model: OSError: disk on fire; second line"
     )
+
+
+def test_wrapper_hooks_work_through_pluggy_dispatch(host: Host, register_plugin: Callable[..., PluginRecord]) -> None:
+    """Hooks are called by pluggy itself, so a ``wrapper=True`` implementation wraps the call
+    (a host calling each function by hand would hand back its generator instead)."""
+    from robustkit.loading import LoadOptions, load_model
+
+    seen: list[str] = []
+
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def robustkit_load_model(self, ref: str, options: Any) -> Any:
+            loaded = yield
+            loaded.notes.append(f"seen by the wrapper: {ref}")
+            return loaded
+
+        @hookimpl(wrapper=True)
+        def robustkit_register_attacks(self, registry: Any) -> Any:
+            seen.append(registry.kind)
+            return (yield)
+
+    record = register_plugin(Wrapping(), "wrapping")
+    assert record.ok, record.status
+    loaded = load_model("builtin:digits-cnn", LoadOptions())
+    assert loaded.notes[-1] == "seen by the wrapper: builtin:digits-cnn"
+    assert host.attacks.resolve("pgd").qualified_name == "robustkit:pgd"  # built-ins registered inside
+    assert seen == ["attack"]
+    assert {r.name: r.status for r in host.plugins()}["wrapping"] == "ok"
+
+
+def test_tryfirst_loader_is_asked_before_the_built_in(host: Host, register_plugin: Callable[..., PluginRecord]) -> None:
+    calls: list[str] = []
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def robustkit_load_model(self, ref: str, options: Any) -> Any:
+            calls.append(ref)
+
+    class Late:
+        @hookimpl(trylast=True)
+        def robustkit_load_model(self, ref: str, options: Any) -> Any:
+            raise AssertionError("firstresult: the built-in answered, nobody after it is asked")
+
+    register_plugin(Late(), "late")
+    register_plugin(Early(), "early")
+    from robustkit.loading import load_model
+
+    assert load_model("builtin:digits-cnn").format == "builtin"
+    assert calls == ["builtin:digits-cnn"]
