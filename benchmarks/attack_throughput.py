@@ -1,7 +1,7 @@
 """Native PGD throughput against torchattacks and ART called directly, in one run.
 
 PGD-10 (linf 8/255, random start, step 2.5 * eps / 10) on the benchmark CNN
-(`robustkit.zoo.cnn4_bn`, 4 conv layers with BatchNorm, eval mode) with 3x32x32 synthetic
+(`robustkit.models.zoo.cnn4_bn`, 4 conv layers with BatchNorm, eval mode) with 3x32x32 synthetic
 inputs, one batch:
   native fp32 (early_stop=False)   like for like with the libraries, which attack every sample
                                    for every step

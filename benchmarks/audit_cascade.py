@@ -34,8 +34,8 @@ import torch
 
 from robustkit.attacks.native import FGSM, PGD
 from robustkit.attacks.square import Square
+from robustkit.audit.engine import NamedAttack, evaluate
 from robustkit.data import load_digits
-from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustkit.zoo import cnn4_bn
+from robustkit.models.zoo import cnn4_bn
 
 #: PGD-10 at linf 8/255 with native PGD's default step (2.5 * eps / steps = 2/255), given to
 #: every implementation.

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.native import PGD
+from robustkit.audit.engine import NamedAttack, evaluate
 from robustkit.data import Dataset, load_digits
-from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.harden.config import RunConfig
 from robustkit.harden.defences import ATTA, FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
+from robustkit.models.zoo import digits_cnn
 from robustkit.threat import ThreatModel
-from robustkit.zoo import digits_cnn
 
 DEFENCES = ("plain", "fgsm-rs", "atta", "pgd-at", "free", "trades")
 PGD_STEPS = 7

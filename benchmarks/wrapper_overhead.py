@@ -1,6 +1,6 @@
 """What robustkit's wrappers cost over calling torchattacks and ART directly, in one run.
 
-PGD-10 (linf 8/255, random start, step 2/255) on the benchmark CNN (`robustkit.zoo.cnn4_bn`,
+PGD-10 (linf 8/255, random start, step 2/255) on the benchmark CNN (`robustkit.models.zoo.cnn4_bn`,
 4 conv layers with BatchNorm) with 3x32x32 synthetic inputs, one batch, eval mode:
   robustkit `torchattacks:pgd`  vs  torchattacks.PGD called directly
   robustkit `art:pgd`           vs  ART ProjectedGradientDescentPyTorch called directly
@@ -30,7 +30,7 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     torchattacks_pgd,
 )
 
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.threat import Norm, ThreatModel
 
 

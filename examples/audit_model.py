@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from robustkit.audit import AuditConfig, run_audit
+from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.data import load_dataset
-from robustkit.loading import LoadOptions, load_model
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import load_model
 from robustkit.threat import Norm
 from robustkit.train import FitConfig, fit
 

@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime
 
 from robustkit.data import load_dataset
-from robustkit.exporters import METADATA_KEY, ExportConfig, run_export
-from robustkit.loading import LoadOptions
+from robustkit.export.run import METADATA_KEY, ExportConfig, run_export
+from robustkit.models.base import LoadOptions
 
 log = logging.getLogger("export_model")
 

@@ -13,43 +13,43 @@ __version__ = "0.1.0"
 # Names resolve on first use (PEP 562), so `robustkit --help` and plugin discovery do not
 # import torch.
 if TYPE_CHECKING:
-    from robustkit.attacks.base import Attack, AttackResult, NoParams
+    from robustkit.attacks.base import Attack, AttackResult
+    from robustkit.audit.engine import Evaluation, NamedAttack, evaluate
     from robustkit.data import Dataset, load_dataset
-    from robustkit.defences import Defence, DefenceResult
     from robustkit.errors import RobustkitError
-    from robustkit.evaluate import Evaluation, NamedAttack, evaluate
-    from robustkit.exporters import Exporter, ExportResult
+    from robustkit.export.run import Exporter, ExportResult
+    from robustkit.harden.base import Defence, DefenceResult
     from robustkit.harden.config import TrainingParams
     from robustkit.harden.defences import TrainingDefence
     from robustkit.harden.engine import StepContext, adversarial_step
-    from robustkit.hookspecs import hookimpl
-    from robustkit.host import Host, get_host
-    from robustkit.loading import LoadedModel, LoadOptions, load_model
+    from robustkit.models.base import LoadedModel, LoadOptions
+    from robustkit.models.loading import load_model
     from robustkit.modules import Model, Normalized, eval_mode
-    from robustkit.params import param
-    from robustkit.registry import ProviderRegistry
-    from robustkit.report import ReportSection
+    from robustkit.params import NoParams, param
+    from robustkit.plugin.hookspecs import ReportSection, hookimpl
+    from robustkit.plugin.host import Host, get_host
+    from robustkit.plugin.registry import ProviderRegistry
     from robustkit.threat import Norm, ThreatModel
 
 _EXPORTS = {
     "Attack": "robustkit.attacks.base",
     "AttackResult": "robustkit.attacks.base",
     "Dataset": "robustkit.data",
-    "Defence": "robustkit.defences",
-    "DefenceResult": "robustkit.defences",
-    "Evaluation": "robustkit.evaluate",
-    "ExportResult": "robustkit.exporters",
-    "Exporter": "robustkit.exporters",
-    "Host": "robustkit.host",
-    "LoadOptions": "robustkit.loading",
-    "LoadedModel": "robustkit.loading",
+    "Defence": "robustkit.harden.base",
+    "DefenceResult": "robustkit.harden.base",
+    "Evaluation": "robustkit.audit.engine",
+    "ExportResult": "robustkit.export.run",
+    "Exporter": "robustkit.export.run",
+    "Host": "robustkit.plugin.host",
+    "LoadOptions": "robustkit.models.base",
+    "LoadedModel": "robustkit.models.base",
     "Model": "robustkit.modules",
-    "NamedAttack": "robustkit.evaluate",
-    "NoParams": "robustkit.attacks.base",
+    "NamedAttack": "robustkit.audit.engine",
+    "NoParams": "robustkit.params",
     "Norm": "robustkit.threat",
     "Normalized": "robustkit.modules",
-    "ProviderRegistry": "robustkit.registry",
-    "ReportSection": "robustkit.report",
+    "ProviderRegistry": "robustkit.plugin.registry",
+    "ReportSection": "robustkit.plugin.hookspecs",
     "RobustkitError": "robustkit.errors",
     "StepContext": "robustkit.harden.engine",
     "ThreatModel": "robustkit.threat",
@@ -57,11 +57,11 @@ _EXPORTS = {
     "TrainingParams": "robustkit.harden.config",
     "adversarial_step": "robustkit.harden.engine",
     "eval_mode": "robustkit.modules",
-    "evaluate": "robustkit.evaluate",
-    "get_host": "robustkit.host",
-    "hookimpl": "robustkit.hookspecs",
+    "evaluate": "robustkit.audit.engine",
+    "get_host": "robustkit.plugin.host",
+    "hookimpl": "robustkit.plugin.hookspecs",
     "load_dataset": "robustkit.data",
-    "load_model": "robustkit.loading",
+    "load_model": "robustkit.models.loading",
     "param": "robustkit.params",
 }
 

@@ -215,7 +215,7 @@ def load_dataset(ref: str) -> Dataset:
     ``builtin:NAME`` and a bare ``NAME`` resolve in the data-set registry (built-in first);
     ``provider:NAME`` is exact. The result is validated before it is returned.
     """
-    from robustkit.host import get_host
+    from robustkit.plugin.host import get_host
 
     path = Path(ref).expanduser()
     if path.exists():

@@ -39,6 +39,21 @@ class Normalized(nn.Module):
 
 
 @contextmanager
+def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Seed torch's global generators for the block and restore them afterwards.
+
+    Our own attacks and steps draw from ``torch.Generator``s; this is for what we do not
+    control (ART's and torchattacks' attacks, fresh weights, dropout), so that a job is
+    reproducible without changing the global random state of the program that called it.
+    """
+    cuda = torch.device(device).type == "cuda"
+    devices = [torch.device(device).index or torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
     """Put every submodule in eval mode and restore each one's own mode afterwards.
 

@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 from robustkit.errors import ParamsError
 from robustkit.threat import parse_number
@@ -118,3 +118,30 @@ def coerce(params_cls: type[P], overrides: Mapping[str, Any] | None = None, *, o
         raise
     except (TypeError, ValueError) as err:
         raise ParamsError(f"invalid parameters{' for ' + owner if owner else ''}: {err}") from None
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For plugins without settings."""
+
+
+class Configurable:
+    """What attacks, defences and exporters share: a registered name and frozen ``Params``.
+
+    They hold settings only; the model and data come at call time (as in foolbox 3).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    aliases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+
+    def __init__(self, params: Any = None, /, **overrides: Any) -> None:
+        if params is not None and overrides:
+            raise TypeError("pass either a Params instance or keyword overrides, not both")
+        self.params = params if params is not None else coerce(self.Params, overrides, owner=self.name)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Any:
+        """Build from ``-o KEY VALUE`` pairs (text), rejecting unknown keys."""
+        return cls(coerce(cls.Params, options, owner=cls.name))

@@ -127,9 +127,9 @@ def trained_digits_model(kind: str = "cnn", *, epochs: int = 6, seed: int = 0) -
     key = (kind, epochs, seed)
     if key not in _TRAINED:
         from robustkit.data import load_digits
+        from robustkit.models.zoo import digits_cnn, digits_resnet
         from robustkit.modules import Normalized
         from robustkit.train import FitConfig, fit
-        from robustkit.zoo import digits_cnn, digits_resnet
 
         torch.manual_seed(seed)
         if kind == "cnn":
@@ -151,7 +151,7 @@ _TRAINED: dict[tuple[str, int, int], nn.Module] = {}
 # -- agreement tests: a wrapped attack against robustkit's own and its library called directly --
 def builtin_attack(name: str, **params: Any) -> Attack:
     """robustkit's own attack, by the name a user types (``pgd`` is ``robustkit:pgd``)."""
-    from robustkit.host import Host
+    from robustkit.plugin.host import Host
 
     attack_cls: type[Attack] = Host(entry_points=False).attacks.resolve(f"robustkit:{name}").obj
     return attack_cls(**params)

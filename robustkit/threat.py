@@ -168,3 +168,17 @@ class ThreatModel:
         slack = TOLERANCE * max(1.0, self.eps)
         in_ball = per_sample_norm(adv32 - x32, self.norm) <= self.eps + slack
         return ~(finite & in_bounds & in_ball)
+
+
+#: The usual radii of each norm for inputs in [0, 1], as fractions of the input range: an
+#: audit tries all of them (the 2..16/255 scale for linf) ...
+AUDIT_EPS = {Norm.LINF: (2 / 255, 4 / 255, 8 / 255, 16 / 255), Norm.L2: (0.25, 0.5, 1.0, 2.0),
+             Norm.L1: (2.0, 4.0, 8.0, 16.0)}
+#: ... and training (and an export's robustness summary) uses one.
+TRAINING_EPS = {Norm.LINF: 8 / 255, Norm.L2: 0.5}
+
+
+def default_eps(norm: Norm, bounds: tuple[float, float]) -> tuple[float, ...]:
+    """The audit's eps list for ``norm``, scaled to the input range ``bounds``."""
+    scale = bounds[1] - bounds[0]
+    return tuple(round(e * scale, 6) for e in AUDIT_EPS[norm])

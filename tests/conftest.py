@@ -22,12 +22,12 @@ from torch import Tensor
 # Progress bars on stderr would interleave with CliRunner output; set before robustkit reads it.
 os.environ["ROBUSTKIT_NO_PROGRESS"] = "1"
 
-from robustkit import host as host_module
 from robustkit.attacks.base import Attack
-from robustkit.hookspecs import hookimpl
-from robustkit.host import Host, PluginRecord
 from robustkit.modules import Model
 from robustkit.params import param
+from robustkit.plugin import host as host_module
+from robustkit.plugin.hookspecs import hookimpl
+from robustkit.plugin.host import Host, PluginRecord
 from robustkit.threat import Norm, ThreatModel
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robustkit.data import load_digits
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 

@@ -16,12 +16,12 @@ from torch import nn
 
 from robustkit.attacks.base import Attack
 from robustkit.attacks.native import FGSM, PGD
-from robustkit.audit import AuditConfig, run_audit
+from robustkit.audit.engine import GRADIENT_FREE_BATCH_FACTOR, NamedAttack, evaluate
+from robustkit.audit.report import REQUIRED_KEYS
+from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
-from robustkit.evaluate import GRADIENT_FREE_BATCH_FACTOR, NamedAttack, evaluate
-from robustkit.loading import LoadOptions
-from robustkit.report import REQUIRED_KEYS
+from robustkit.models.base import LoadOptions
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 
@@ -310,7 +310,7 @@ class RecordingBar:
 
 def test_progress_moves_batch_by_batch_within_a_run_over_every_eps(monkeypatch):
     bar = RecordingBar()
-    monkeypatch.setattr("robustkit.evaluate.progress", lambda: bar)
+    monkeypatch.setattr("robustkit.audit.engine.progress", lambda: bar)
     model, data = trained_digits_model("cnn"), load_digits()
     eps = [0.1, 0.2, 0.3, 0.4]
     suite = [NamedAttack("grey", Fade(towards_grey=True, per_sample_eps=True))]

@@ -16,14 +16,14 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack
 from robustkit.attacks.native import FGSM, PGD
 from robustkit.attacks.square import Square
-from robustkit.certify import MAX_INPUT_SIZE, Certifier, Unsupported
+from robustkit.audit.certify import MAX_INPUT_SIZE, Certifier, Unsupported
+from robustkit.audit.engine import CERTIFY_PILOT, Evaluation, NamedAttack, evaluate
 from robustkit.data import load_digits
-from robustkit.evaluate import CERTIFY_PILOT, Evaluation, NamedAttack, evaluate
+from robustkit.models.zoo import digits_resnet
 from robustkit.modules import Normalized
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 from robustkit.train import FitConfig, fit
-from robustkit.zoo import digits_resnet
 
 CPU = torch.device("cpu")
 #: Slack of a bound against a margin computed at a point (fp32 sums in a different order).

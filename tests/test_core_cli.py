@@ -11,7 +11,7 @@ from click.testing import CliRunner, Result
 
 from robustkit.cli import cli
 from robustkit.errors import RobustkitError
-from robustkit.host import Host, PluginRecord
+from robustkit.plugin.host import Host, PluginRecord
 
 
 def invoke(*args: str) -> Result:
@@ -108,7 +108,7 @@ def test_bad_plugins_dir_is_usage_error(host: Host, tmp_path: Path) -> None:
 
 def test_internal_error_without_and_with_verbose(host: Host,
                                                  register_plugin: Callable[..., PluginRecord]) -> None:
-    from robustkit.hookspecs import hookimpl
+    from robustkit.plugin.hookspecs import hookimpl
 
     class Exploding:
         @hookimpl

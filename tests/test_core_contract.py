@@ -21,9 +21,9 @@ from robustkit.attacks.native import FGSM, PGD
 from robustkit.attacks.square import Square
 from robustkit.data import load_digits
 from robustkit.errors import DataError, RobustkitError
-from robustkit.host import Host
 from robustkit.modules import predict_logits
-from robustkit.registry import Entry
+from robustkit.plugin.host import Host
+from robustkit.plugin.registry import Entry
 from robustkit.testing import (
     check_attack_contract,
     contract_batch,

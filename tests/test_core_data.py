@@ -13,7 +13,7 @@ from PIL import Image
 
 from robustkit.data import Dataset, load_dataset, load_digits
 from robustkit.errors import DataError, RobustkitError, UnknownNameError
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 
 
 def test_builtin_digits(host: Host) -> None:

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from robustkit.cli import cli
 from robustkit.errors import RobustkitError
-from robustkit.hookspecs import hookimpl
-from robustkit.host import Host, PluginRecord
+from robustkit.plugin.hookspecs import hookimpl
+from robustkit.plugin.host import Host, PluginRecord
 
 GOOD_PLUGIN = """
 from robustkit import Attack, Norm, hookimpl
@@ -265,7 +265,7 @@ def test_entry_point_plugins_load_each_in_its_own_try(
     assert installed.attacks.resolve("shove").qualified_name == "good:shove"
     builtins_still_work(installed)
 
-    monkeypatch.setattr("robustkit.host._host", None)  # the CLI builds its host from entry points
+    monkeypatch.setattr("robustkit.plugin.host._host", None)  # the CLI builds its host from entry points
     runner = CliRunner()
     result = runner.invoke(cli, ["hello"])
     assert result.exit_code == 0 and result.stdout == "hello from a plugin\n"
@@ -310,7 +310,8 @@ def test_crashing_loader_is_one_line_error_naming_the_plugin(
 def test_wrapper_hooks_work_through_pluggy_dispatch(host: Host, register_plugin: Callable[..., PluginRecord]) -> None:
     """Hooks are called by pluggy itself, so a ``wrapper=True`` implementation wraps the call
     (a host calling each function by hand would hand back its generator instead)."""
-    from robustkit.loading import LoadOptions, load_model
+    from robustkit.models.base import LoadOptions
+    from robustkit.models.loading import load_model
 
     seen: list[str] = []
 
@@ -350,7 +351,7 @@ def test_tryfirst_loader_is_asked_before_the_built_in(host: Host, register_plugi
 
     register_plugin(Late(), "late")
     register_plugin(Early(), "early")
-    from robustkit.loading import load_model
+    from robustkit.models.loading import load_model
 
     assert load_model("builtin:digits-cnn").format == "builtin"
     assert calls == ["builtin:digits-cnn"]

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from robustkit.attacks.native import FGSM
 from robustkit.errors import RobustkitError, UnsafeFileError
-from robustkit.host import Host
-from robustkit.loading import LoadOptions, check_model_output, load_model
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import check_model_output, load_model
+from robustkit.models.zoo import digits_cnn
 from robustkit.modules import Normalized
+from robustkit.plugin.host import Host
 from robustkit.threat import ThreatModel
-from robustkit.zoo import digits_cnn
 
 ARCH = "builtin:digits-cnn"
 
@@ -79,7 +80,7 @@ def test_wrong_architecture_is_one_line_naming_the_mismatch(
 def test_shape_mismatch_through_a_factory_file(host: Host, tmp_path: Path, net: nn.Module) -> None:
     factory = tmp_path / "nets.py"
     factory.write_text(
-        "from robustkit.zoo import digits_cnn\n\ndef twelve():\n    return digits_cnn(num_classes=12)\n"
+        "from robustkit.models.zoo import digits_cnn\n\ndef twelve():\n    return digits_cnn(num_classes=12)\n"
     )
     path = tmp_path / "net.safetensors"
     save_file(net.state_dict(), str(path))
@@ -97,7 +98,7 @@ def test_shape_mismatch_through_a_factory_file(host: Host, tmp_path: Path, net: 
         (None, "holds weights only; name the architecture with --arch"),
         ("builtin:nope", "unknown built-in architecture 'nope'"),
         ("no_colon", "needs the form module:factory"),
-        ("robustkit.zoo:missing", "has no callable 'missing'"),
+        ("robustkit.models.zoo:missing", "has no callable 'missing'"),
         ("not_a_module_xyz:f", "cannot import 'not_a_module_xyz'"),
     ],
 )

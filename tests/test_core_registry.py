@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from robustkit.errors import DuplicateNameError, RobustkitError, UnknownNameError
-from robustkit.host import Host
-from robustkit.registry import ProviderRegistry, Registry
+from robustkit.plugin.host import Host
+from robustkit.plugin.registry import ProviderRegistry, Registry
 
 
 @pytest.fixture

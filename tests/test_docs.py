@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from robustkit import hookspecs
+from robustkit.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS_DOC = ROOT / "docs" / "plugin-hooks.md"

@@ -15,14 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from robustkit.audit import AuditConfig, run_audit
+from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
-from robustkit.exporters import METADATA_KEY
-from robustkit.loading import LoadOptions, file_sha256, load_model
+from robustkit.export.run import METADATA_KEY
+from robustkit.models.base import LoadOptions, file_sha256
+from robustkit.models.loading import load_model
+from robustkit.models.zoo import digits_resnet
 from robustkit.modules import Normalized
 from robustkit.testing import trained_digits_model
-from robustkit.zoo import digits_resnet
 
 CNN = ("--arch", "builtin:digits-cnn")
 

@@ -14,19 +14,21 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from robustkit.audit import AuditConfig, run_audit
-from robustkit.builtins import onnx_export, onnx_loader
-from robustkit.builtins.onnx_export import OnnxExporter
+from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
-from robustkit.defences import DefenceResult
 from robustkit.errors import RobustkitError
-from robustkit.exporters import METADATA_KEY, ExportConfig, ExportResult, export_model, run_export
-from robustkit.host import Host, set_host
-from robustkit.loading import LoadOptions, file_sha256, load_model
+from robustkit.export import onnx as onnx_export
+from robustkit.export.onnx import OnnxExporter
+from robustkit.export.run import METADATA_KEY, ExportConfig, ExportResult, export_model, run_export
+from robustkit.harden.base import DefenceResult
+from robustkit.models import onnx as onnx_loader
+from robustkit.models.base import LoadOptions, file_sha256
+from robustkit.models.loading import load_model
+from robustkit.models.zoo import digits_cnn
+from robustkit.plugin.host import Host, set_host
 from robustkit.testing import trained_digits_model
 from robustkit.threat import ThreatModel
-from robustkit.zoo import digits_cnn
 
 THREAT = ThreatModel.parse("linf:0.05")
 

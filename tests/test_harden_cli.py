@@ -16,12 +16,13 @@ from torch import Tensor
 from robustkit.attacks.base import Attack
 from robustkit.cli import cli
 from robustkit.harden import checkpoint
-from robustkit.hookspecs import hookimpl
-from robustkit.loading import LoadOptions, load_model
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import load_model
+from robustkit.models.zoo import digits_cnn
 from robustkit.modules import Model, predict_logits
 from robustkit.params import param
+from robustkit.plugin.hookspecs import hookimpl
 from robustkit.threat import Norm, ThreatModel
-from robustkit.zoo import digits_cnn
 
 FAST = ["--eps", "0.2", "-o", "canary_size", "128"]
 

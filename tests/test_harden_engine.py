@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.native import PGD
+from robustkit.audit.engine import NamedAttack, evaluate
 from robustkit.data import Dataset, load_digits
-from robustkit.defences import DefenceResult
 from robustkit.distributed import DistContext
 from robustkit.errors import RobustkitError
-from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.harden import checkpoint
+from robustkit.harden.base import DefenceResult
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.defences import ATTA, FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
 from robustkit.harden.engine import (
@@ -38,9 +38,9 @@ from robustkit.harden.engine import (
     lr_factor,
     validation_split,
 )
+from robustkit.models.zoo import digits_cnn
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
-from robustkit.zoo import digits_cnn
 
 EPS = 0.2
 THREAT = ThreatModel("linf", EPS)

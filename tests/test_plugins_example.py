@@ -18,8 +18,8 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 
-from robustkit import host as host_module
 from robustkit.cli import cli
+from robustkit.plugin import host as host_module
 from robustkit.testing import check_attack_contract
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -93,8 +93,8 @@ def shapes_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(EXAMPLE))
         from robustkit_plugin_example.shapes import load_shapes
+    from robustkit.models.zoo import digits_cnn
     from robustkit.train import FitConfig, fit
-    from robustkit.zoo import digits_cnn
 
     data = load_shapes(n_train=600, n_eval=60)
     assert data.x_train is not None and data.y_train is not None

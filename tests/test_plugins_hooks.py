@@ -19,15 +19,16 @@ from torch import Tensor, nn
 
 from robustkit import Dataset, Defence, DefenceResult, Exporter, ExportResult, LoadedModel, ReportSection
 from robustkit.attacks.base import Attack
-from robustkit.audit import AuditConfig, run_audit
+from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_dataset
 from robustkit.errors import DataError, RobustkitError
-from robustkit.hookspecs import hookimpl
-from robustkit.host import Host, PluginRecord
-from robustkit.loading import LoadOptions, load_model
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import load_model
 from robustkit.modules import Model
 from robustkit.params import param
+from robustkit.plugin.hookspecs import hookimpl
+from robustkit.plugin.host import Host, PluginRecord
 from robustkit.threat import Norm, ThreatModel
 
 Register = Callable[..., PluginRecord]
@@ -228,7 +229,7 @@ def test_hook_robustkit_report_sections(host: Host, register_plugin: Register, t
     for plugin, name in ((Sections(), "sections"), (Silent(), "silent"), (Crashing(), "crashing")):
         register_plugin(plugin, name)
     config = AuditConfig("builtin:digits-cnn", attacks=("fgsm",), eps=(0.1,), limit=8, run_checks=False, out=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="robustkit.host"):
+    with caplog.at_level(logging.WARNING, logger="robustkit.plugin.host"):
         report = run_audit(config)
     assert report["sections"] == [{"title": "Deployment", "markdown": "audited 8 samples", "plugin": "sections"}]
     assert "plugin 'crashing' failed in robustkit_report_sections: KeyError: 'model'" in caplog.text

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from robustkit.cli import cli
-from robustkit.commands.new_plugin import KINDS, Names
-from robustkit.host import Host
+from robustkit.cli.new_plugin import KINDS, Names
+from robustkit.plugin.host import Host
 
 
 def new_plugin(*args: str) -> tuple[int, str, str]:

@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, final
+from typing import ClassVar, final
 
 import torch
 from torch import Tensor
 
 from robustkit.errors import DataError, RobustkitError
 from robustkit.modules import Model, eval_mode, fast_layout, predict_logits
-from robustkit.params import coerce
+from robustkit.params import Configurable
 from robustkit.threat import Norm, ThreatModel
-
-
-@dataclass(frozen=True)
-class NoParams:
-    """For attacks without settings."""
 
 
 @dataclass
@@ -55,30 +49,16 @@ def default_targets(logits: Tensor, y: Tensor) -> Tensor:
     return masked.argmax(dim=1)
 
 
-class Attack(ABC):
+class Attack(Configurable, ABC):
     """Base class of every attack, native or wrapped."""
 
-    name: ClassVar[str]
     norms: ClassVar[frozenset[Norm]]
-    Params: ClassVar[type] = NoParams
-    aliases: ClassVar[tuple[str, ...]] = ()
-    summary: ClassVar[str] = ""
     supports_targeted: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
     #: ``run`` takes ``radii``: one call attacks each sample in a ball of its own radius, so the
     #: engine can attack every eps of an audit in one run. That pays for a score-based attack,
     #: whose per-query overhead a small batch at each eps would pay once per eps.
     per_sample_eps: ClassVar[bool] = False
-
-    def __init__(self, params: Any = None, /, **overrides: Any) -> None:
-        if params is not None and overrides:
-            raise TypeError("pass either a Params instance or keyword overrides, not both")
-        self.params = params if params is not None else coerce(self.Params, overrides, owner=self.name)
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> Attack:
-        """Build from ``-o KEY VALUE`` pairs (text), rejecting unknown keys."""
-        return cls(coerce(cls.Params, options, owner=cls.name))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"

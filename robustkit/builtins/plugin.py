@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from robustkit.hookspecs import hookimpl
+from robustkit.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from robustkit.loading import LoadedModel, LoadOptions
-    from robustkit.registry import ProviderRegistry
+    from robustkit.models.base import LoadedModel, LoadOptions
+    from robustkit.plugin.registry import ProviderRegistry
 
 
 @hookimpl
@@ -35,8 +35,8 @@ def robustkit_register_defences(registry: ProviderRegistry[Any]) -> None:
 
 @hookimpl
 def robustkit_register_exporters(registry: ProviderRegistry[Any]) -> None:
-    from robustkit.builtins.onnx_export import OnnxExporter
-    from robustkit.builtins.safetensors_export import SafetensorsExporter
+    from robustkit.export.onnx import OnnxExporter
+    from robustkit.export.safetensors import SafetensorsExporter
 
     registry.add(OnnxExporter)
     registry.add(SafetensorsExporter)
@@ -52,6 +52,6 @@ def robustkit_register_datasets(registry: ProviderRegistry[Any]) -> None:
 
 @hookimpl
 def robustkit_load_model(ref: str, options: LoadOptions) -> LoadedModel | None:
-    from robustkit.builtins.model_files import load_model_file
+    from robustkit.models.files import load_model_file
 
     return load_model_file(ref, options)

@@ -24,25 +24,24 @@ import torch
 from torch import nn
 
 from robustkit import __version__
+from robustkit.audit.engine import NamedAttack, evaluate
 from robustkit.data import Dataset, load_dataset
-from robustkit.defences import Defence, DefenceResult
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.errors import RobustkitError
-from robustkit.evaluate import NamedAttack, evaluate
 from robustkit.harden import checkpoint
+from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import RunConfig
 from robustkit.harden.defences import TrainingDefence
 from robustkit.harden.engine import LOG_FILENAME, resolve_device
-from robustkit.loading import LoadOptions, check_model_output, load_model
-from robustkit.modules import Normalized
+from robustkit.io import atomic_write
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import check_model_output, load_model
+from robustkit.modules import Normalized, seeded
 from robustkit.params import coerce
-from robustkit.report import atomic_write
-from robustkit.threat import Norm, ThreatModel, parse_number
+from robustkit.threat import TRAINING_EPS, Norm, ThreatModel, parse_number
 
 log = logging.getLogger(__name__)
 
-#: The usual radius of each norm for [0, 1] images, used when --eps is not given.
-DEFAULT_EPS = {Norm.LINF: 8 / 255, Norm.L2: 0.5}
 #: The attack of the before/after summary (default settings, at the training eps).
 SUMMARY_ATTACK = "robustkit:pgd"
 
@@ -80,14 +79,14 @@ def resolve_threat(text: str, eps: str | float | None, bounds: tuple[float, floa
             )
         return ThreatModel.parse(text, bounds=bounds)
     norm = Norm.parse(text)
-    if norm not in DEFAULT_EPS:
+    if norm not in TRAINING_EPS:
         raise RobustkitError(f"harden trains against linf or l2 threat models, not {norm.value}")
-    return ThreatModel(norm, DEFAULT_EPS[norm] if eps is None else parse_number(eps), bounds)
+    return ThreatModel(norm, TRAINING_EPS[norm] if eps is None else parse_number(eps), bounds)
 
 
 def resolve_defence(request: HardenRequest) -> tuple[str, Defence]:
     """The registered training defence with its parameters; one-line errors for the rest."""
-    from robustkit.host import get_host
+    from robustkit.plugin.host import get_host
 
     entry = get_host().defences.resolve(request.defence)
     cls = entry.obj
@@ -111,7 +110,7 @@ def audit(
     model: nn.Module, data: Dataset, threat: ThreatModel, world: DistContext, device: torch.device
 ) -> dict[str, float]:
     """Clean and PGD robust accuracy on the evaluation split (the before/after summary)."""
-    from robustkit.host import get_host
+    from robustkit.plugin.host import get_host
 
     entry = get_host().attacks.resolve(SUMMARY_ATTACK)
     result = evaluate(
@@ -239,11 +238,11 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
     if isinstance(defence, TrainingDefence):
         defence.check(threat)
     device = resolve_device(run.device, world)
-    torch.manual_seed(getattr(defence.params, "seed", 0))  # fresh built-in weights are seeded
-    loaded = load_model(
-        request.model,
-        LoadOptions(request.arch, request.trust_code, request.mean, request.std, str(device)),
-    )
+    with seeded(getattr(defence.params, "seed", 0), device):  # fresh built-in weights are seeded
+        loaded = load_model(
+            request.model,
+            LoadOptions(request.arch, request.trust_code, request.mean, request.std, str(device)),
+        )
     model = loaded.model
     if not isinstance(model, nn.Module):
         raise RobustkitError(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from robustkit.errors import RobustkitError
-from robustkit.report import atomic_write
+from robustkit.io import atomic_write
 
 FORMAT = 1
 FILENAME = "checkpoint.pt"

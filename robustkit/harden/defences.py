@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack
 from robustkit.attacks.native import ascent_step, random_start
 from robustkit.data import Dataset
-from robustkit.defences import Defence, DefenceResult
 from robustkit.errors import RobustkitError
 from robustkit.harden import distributed as ddp
+from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import Precision, RunConfig, TrainingParams
 from robustkit.harden.engine import Step, StepContext, adversarial_step, train
 from robustkit.modules import eval_mode
@@ -111,7 +111,7 @@ class PGDAT(TrainingDefence):
     summary = "Madry PGD adversarial training; any registered attack as the inner maximiser"
 
     def _attack_class(self) -> type[Attack]:
-        from robustkit.host import get_host
+        from robustkit.plugin.host import get_host
 
         cls: type[Attack] = get_host().attacks.resolve(self.params.attack).obj
         return cls

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +37,15 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from robustkit.attacks.native import PGD
 from robustkit.console import progress
 from robustkit.data import Dataset, tensors_sha256
-from robustkit.defences import DefenceResult
 from robustkit.distributed import DistContext, init_distributed
 from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden import distributed as ddp
+from robustkit.harden.base import DefenceResult
 from robustkit.harden.config import Precision, RunConfig, TrainingParams
-from robustkit.modules import eval_mode, predict_logits
-from robustkit.report import atomic_write
+from robustkit.io import atomic_write
+from robustkit.modules import eval_mode, predict_logits, seeded
 from robustkit.threat import ThreatModel
-
-if TYPE_CHECKING:
-    from robustkit.harden.defences import TrainingDefence
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +55,21 @@ Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 TrainLoss = Callable[[nn.Module, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 LOG_FILENAME = "train_log.jsonl"
+
+
+class TrainingDefence(Protocol):
+    """What the loop needs of a training defence (``robustkit.harden.defences.TrainingDefence``
+    is the base class that provides it): a name and params for the recipe, the validation
+    metric that picks the best epoch, replays per batch and the step."""
+
+    name: ClassVar[str]
+    monitor: ClassVar[str]
+    params: Any
+
+    @property
+    def replays(self) -> int: ...
+
+    def make_step(self, ctx: StepContext) -> Step: ...
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: fp16 input gradients of a summed loss can underflow; scaling by a power of two before the
 #: backward pass and dividing after is exact and keeps them alive.
@@ -588,15 +600,19 @@ class Engine:
 
     # -- training ------------------------------------------------------------------------------
     def run(self) -> DefenceResult:
+        """Train; torch's global generators (dropout, library attacks) are seeded from the run
+        (or restored from the checkpoint) inside, and the caller's are left as they were."""
+        with seeded(self.params.seed + self.world.rank, self.device):
+            return self._run()
+
+    def _run(self) -> DefenceResult:
         previous_benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed shapes: pick fast kernels
         try:
             if self.run_config.resume:
                 self._resume()
-            else:
-                torch.manual_seed(self.params.seed + self.world.rank)
-                if self.out is not None:
-                    atomic_write(self.out / LOG_FILENAME, "")
+            elif self.out is not None:
+                atomic_write(self.out / LOG_FILENAME, "")
             show = self.run_config.progress and self.world.is_main
             with self._signals() as flag, progress() if show else Progress(disable=True) as bar:
                 while self.state.epoch < self.epochs and self.state.stop_reason is None:

@@ -18,7 +18,7 @@ from robustkit_plugin_example.attacks import Momentum
 from robustkit_plugin_example.shapes import CLASSES, load_shapes
 
 from robustkit import RobustkitError, ThreatModel
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.testing import check_attack_contract, contract_batch, fast_params, trained_digits_model
 
 

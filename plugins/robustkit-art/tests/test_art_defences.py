@@ -7,7 +7,7 @@ from robustkit_art.defences import DEFENCES, PreprocessedModel
 
 from robustkit import Defence, Model, RobustkitError, ThreatModel
 from robustkit.data import load_digits
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.testing import trained_digits_model
 
 THREAT = ThreatModel.parse("linf:0.1")

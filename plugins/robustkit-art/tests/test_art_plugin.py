@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from robustkit import RobustkitError, ThreatModel
 from robustkit.errors import ParamsError
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.testing import (
     check_attack_contract,
     contract_batch,

@@ -8,7 +8,7 @@ from robustkit_art.training import TRAINERS
 
 from robustkit import Defence, RobustkitError, ThreatModel
 from robustkit.data import load_digits
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.testing import trained_digits_model
 
 THREAT = ThreatModel.parse("linf:0.1")

@@ -11,7 +11,7 @@ from robustkit_torchattacks.attacks import APGD, APGDT, ATTACKS, FAB, PGD, AutoA
 from torch import nn
 
 from robustkit import RobustkitError, ThreatModel
-from robustkit.host import Host
+from robustkit.plugin.host import Host
 from robustkit.testing import check_attack_contract, contract_batch, contract_model, fast_params
 
 EXPECTED = {"fgsm", "bim", "pgd", "mifgsm", "eotpgd", "apgd", "apgdt", "fab", "square",

@@ -21,14 +21,14 @@ log = logging.getLogger("robustkit")
 
 def _host(ctx: click.Context) -> Any:
     """The plugin host, configured once from the group's ``--plugins-dir`` options."""
-    from robustkit import host as host_module
+    from robustkit.plugin import host as host_module
 
     root = ctx.find_root()
     meta = root.meta
-    if "robustkit.host" not in meta:
+    if "robustkit.plugin.host" not in meta:
         dirs = root.params.get("plugins_dirs") or ()
-        meta["robustkit.host"] = host_module.configure(dirs) if dirs else host_module.get_host()
-    return meta["robustkit.host"]
+        meta["robustkit.plugin.host"] = host_module.configure(dirs) if dirs else host_module.get_host()
+    return meta["robustkit.plugin.host"]
 
 
 class RobustkitGroup(click.Group):
@@ -210,7 +210,7 @@ for _plural, _singular in (("attacks", "attack"), ("defences", "defence"), ("exp
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def demo(out: Path, epochs: int, seed: int, as_json: bool) -> None:
     """Train builtin:digits-cnn on builtin:digits, audit it and report (no download)."""
-    from robustkit.demo import print_demo, run_demo
+    from robustkit.cli.demo import print_demo, run_demo
 
     result = run_demo(out=out, epochs=epochs, seed=seed)
     if as_json:
@@ -220,10 +220,10 @@ def demo(out: Path, epochs: int, seed: int, as_json: bool) -> None:
 
 
 def _add_commands() -> None:
-    from robustkit.commands.audit import audit
-    from robustkit.commands.export import export
-    from robustkit.commands.harden import harden
-    from robustkit.commands.new_plugin import new_plugin
+    from robustkit.cli.audit import audit
+    from robustkit.cli.export import export
+    from robustkit.cli.harden import harden
+    from robustkit.cli.new_plugin import new_plugin
 
     cli.add_command(audit)
     cli.add_command(harden)

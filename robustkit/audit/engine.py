@@ -8,7 +8,7 @@ still change the answer.
   only on the samples that survived every earlier one, so put cheap attacks first;
 - every adversarial example is checked in fp32 (in the ball, in the bounds, finite) before it
   counts, whatever the attack claims;
-- with ``certify``, samples proven robust by bound propagation (``robustkit.certify``) are not
+- with ``certify``, samples proven robust by bound propagation (``robustkit.audit.certify``) are not
   attacked at that eps: no attack can break them. Certificates are computed after the gradient
   attacks and before the first gradient-free one: a certificate costs a few forward passes'
   worth, less than a score-based attack's queries but more than FGSM or PGD, so it is spent
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from robustkit.attacks.base import Attack
-from robustkit.certify import Certifier, Unsupported, check_norm
+from robustkit.audit.certify import Certifier, Unsupported, check_norm
 from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError

@@ -7,6 +7,7 @@ See ``docs/plugin-hooks.md`` for one section per hook.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -14,9 +15,16 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from robustkit.loading import LoadedModel, LoadOptions
-    from robustkit.registry import ProviderRegistry
-    from robustkit.report import ReportSection
+    from robustkit.models.base import LoadedModel, LoadOptions
+    from robustkit.plugin.registry import ProviderRegistry
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A titled block of Markdown that a plugin adds to reports (``robustkit_report_sections``)."""
+
+    title: str
+    markdown: str
+
 
 PROJECT = "robustkit"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack
-from robustkit.evaluate import Evaluation, NamedAttack
-from robustkit.loading import OutputCheck
+from robustkit.audit.engine import Evaluation, NamedAttack
+from robustkit.models.loading import OutputCheck
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
 from robustkit.threat import Norm, ThreatModel
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-from robustkit.loading import LoadedModel, LoadOptions, file_sha256
+from robustkit.models.base import LoadedModel, LoadOptions, file_sha256
 from robustkit.modules import predict_logits
 
 #: Operator domains onnxruntime implements itself; anything else needs custom (native) code.

@@ -31,15 +31,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks.base import NoParams
 from robustkit.errors import RobustkitError
-from robustkit.loading import LoadOptions
+from robustkit.models.base import LoadOptions
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
-from robustkit.params import coerce
-from robustkit.threat import Norm, ThreatModel
+from robustkit.params import Configurable, coerce
+from robustkit.threat import TRAINING_EPS, Norm, ThreatModel
 
 if TYPE_CHECKING:
-    from robustkit.defences import DefenceResult
+    from robustkit.harden.base import DefenceResult
 
 #: Metadata key under which every exporter stores the JSON document.
 METADATA_KEY = "robustkit"
@@ -68,17 +67,10 @@ class ExportResult:
         return {**dataclasses.asdict(self), "path": str(self.path), "files": [str(f) for f in self.files]}
 
 
-class Exporter(ABC):
+class Exporter(Configurable, ABC):
     """A deployment format. Subclasses write ``export`` and ``load``; the engine does the rest."""
 
-    name: ClassVar[str]
     suffix: ClassVar[str]
-    Params: ClassVar[type] = NoParams
-    aliases: ClassVar[tuple[str, ...]] = ()
-    summary: ClassVar[str] = ""
-
-    def __init__(self, params: Any = None, /, **overrides: Any) -> None:
-        self.params = params if params is not None else coerce(self.Params, overrides, owner=self.name)
 
     @abstractmethod
     def export(self, model: nn.Module, example: Tensor, path: Path, *, metadata: dict[str, Any]) -> ExportResult:
@@ -145,7 +137,7 @@ def verify_export(runtime: Model, model: nn.Module, x: Tensor, y: Tensor, threat
 def adversarial_parity(runtime: Model, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                        batch_size: int = 256) -> dict[str, Any]:
     """Robust accuracy of torch-crafted PGD examples under torch and under the runtime."""
-    from robustkit.host import get_host
+    from robustkit.plugin.host import get_host
 
     attack = get_host().attacks.resolve(PARITY_ATTACK).obj()
     device = model_device(model)
@@ -203,7 +195,7 @@ def export_model(model: nn.Module, exporter: Exporter, path: Path, *, x: Tensor,
 
 def read_report(path: Path) -> dict[str, Any]:
     """An audit's ``report.json``, checked against the report schema's required keys."""
-    from robustkit.report import REQUIRED_KEYS
+    from robustkit.audit.report import REQUIRED_KEYS
 
     try:
         report = json.loads(path.read_text())
@@ -236,8 +228,8 @@ def robustness_from_report(report: dict[str, Any], sha256: str) -> dict[str, Any
 
 def quick_robustness(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, data: str) -> dict[str, Any]:
     """Clean accuracy and PGD robust accuracy at one eps: one attack's upper bound, not an audit."""
-    from robustkit.evaluate import NamedAttack, evaluate
-    from robustkit.host import get_host
+    from robustkit.audit.engine import NamedAttack, evaluate
+    from robustkit.plugin.host import get_host
 
     attack = get_host().attacks.resolve(PARITY_ATTACK).obj()
     evaluation = evaluate(model, x, y, [NamedAttack(PARITY_ATTACK, attack)], [threat],
@@ -273,8 +265,6 @@ def default_out(model: str, suffix: str) -> Path:
 
 
 def _threat(config: ExportConfig, report: dict[str, Any] | None, bounds: tuple[float, float]) -> ThreatModel:
-    from robustkit.harden.api import DEFAULT_EPS
-
     norm = config.norm
     if report is not None:
         reported = Norm.parse(report["threat"]["norm"])
@@ -288,19 +278,19 @@ def _threat(config: ExportConfig, report: dict[str, Any] | None, bounds: tuple[f
         reported_eps = sorted(row["eps"] for row in report["worst_case"])
         eps = reported_eps[len(reported_eps) // 2]
     if eps is None:
-        if norm not in DEFAULT_EPS:
+        if norm not in TRAINING_EPS:
             raise RobustkitError(f"give --eps for the {norm.value} norm")
-        eps = DEFAULT_EPS[norm] * (bounds[1] - bounds[0])
+        eps = TRAINING_EPS[norm] * (bounds[1] - bounds[0])
     return ThreatModel(norm, eps, bounds)
 
 
 def run_export(config: ExportConfig) -> ExportResult:
     """``robustkit export`` as a function: load, summarise, export, verify, write."""
     from robustkit import __version__
-    from robustkit.audit import environment
     from robustkit.data import load_dataset
-    from robustkit.host import get_host
-    from robustkit.loading import check_model_output, load_model
+    from robustkit.environment import environment
+    from robustkit.models.loading import check_model_output, load_model
+    from robustkit.plugin.host import get_host
 
     entry = get_host().exporters.resolve(config.format)
     exporter: Exporter = entry.obj(coerce(entry.obj.Params, dict(config.options), owner=entry.qualified_name))

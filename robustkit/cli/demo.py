@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from robustkit.audit import AuditConfig, run_audit
+from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.data import load_dataset
-from robustkit.exporters import ExportConfig, run_export
+from robustkit.export.run import ExportConfig, run_export
 from robustkit.harden.api import HardenRequest, harden
 from robustkit.harden.config import RunConfig
-from robustkit.loading import LoadOptions, load_model
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import load_model
 from robustkit.threat import Norm
 from robustkit.train import FitConfig, fit
 
@@ -67,8 +68,8 @@ def run_demo(*, out: Path = Path("robustkit-demo"), epochs: int = 8, seed: int =
 
 
 def print_demo(result: dict[str, Any]) -> None:
-    from robustkit.commands.audit import print_summary
-    from robustkit.commands.export import print_result
+    from robustkit.cli.audit import print_summary
+    from robustkit.cli.export import print_result
     from robustkit.console import stdout
 
     report = result["audit"]

@@ -349,7 +349,7 @@ from collections.abc import Iterator
 ${stdlib_imports}
 import pytest
 ${torch_import}from robustkit import ThreatModel
-from robustkit.host import Host, set_host
+from robustkit.plugin.host import Host, set_host
 from robustkit.testing import ${testing_imports}
 
 from ${package} import plugin
@@ -407,7 +407,7 @@ def test_attacks_keep_their_contract_on_the_defended_model(host: Host) -> None:
     "exporter": '''
 
 def test_export_is_verified_by_the_engine(host: Host, tmp_path: Path) -> None:
-    from robustkit.exporters import export_model
+    from robustkit.export.run import export_model
 
     x, y = contract_batch(64)
     path = tmp_path / "model.pt"

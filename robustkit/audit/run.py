@@ -8,34 +8,32 @@ engine, runs the sanity checks and writes the report. Partial results are writte
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from robustkit import checks
 from robustkit.attacks.base import Attack
+from robustkit.audit import checks
+from robustkit.audit.engine import NEVER, Evaluation, NamedAttack, evaluate
+from robustkit.audit.report import SCHEMA_VERSION, accuracy_with_ci, wilson_interval, write_report
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
+from robustkit.environment import environment
 from robustkit.errors import ParamsError, RobustkitError
-from robustkit.evaluate import NEVER, Evaluation, NamedAttack, evaluate
-from robustkit.host import get_host
-from robustkit.loading import LoadedModel, LoadOptions, check_model_output, load_model
-from robustkit.modules import predict_logits
+from robustkit.models.base import LoadedModel, LoadOptions
+from robustkit.models.loading import check_model_output, load_model
+from robustkit.modules import predict_logits, seeded
 from robustkit.params import coerce
-from robustkit.report import SCHEMA_VERSION, ReportSection, accuracy_with_ci, wilson_interval, write_report
-from robustkit.threat import Norm, ThreatModel, parse_number
+from robustkit.plugin.hookspecs import ReportSection
+from robustkit.plugin.host import get_host
+from robustkit.threat import Norm, ThreatModel, default_eps, parse_number
 
 Mode = Literal["cascade", "per-attack"]
-#: Default eps lists, as fractions of the input range (the usual 2..16/255 scale for linf).
-DEFAULT_EPS = {Norm.LINF: (2 / 255, 4 / 255, 8 / 255, 16 / 255), Norm.L2: (0.25, 0.5, 1.0, 2.0),
-               Norm.L1: (2.0, 4.0, 8.0, 16.0)}
 #: The default suite, cheapest first; the first registered name of each group is taken.
 DEFAULT_SUITE = (("fgsm",), ("pgd",), ("torchattacks:apgd", "art:apgd"), ("square", "torchattacks:square"))
 DEFAULT_OVERRIDES = {"pgd": {"steps": 20, "restarts": 2}}
@@ -58,13 +56,8 @@ class AuditConfig:
     check_samples: int = 128
     run_checks: bool = True
     black_box: bool = False  #: attack through scores only (an ONNX model: onnxruntime, no conversion)
-    certify: bool = True  #: prove samples robust by bound propagation and skip them (robustkit.certify)
+    certify: bool = True  #: prove samples robust by bound propagation and skip them (robustkit.audit.certify)
     out: Path | None = None
-
-
-def default_eps(norm: Norm, bounds: tuple[float, float]) -> tuple[float, ...]:
-    scale = bounds[1] - bounds[0]
-    return tuple(round(e * scale, 6) for e in DEFAULT_EPS[norm])
 
 
 def parse_eps_list(text: str) -> tuple[float, ...]:
@@ -148,18 +141,6 @@ def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
         suite.append(NamedAttack(entry.qualified_name, attack))
     # Cheap first; gradient-free attacks last, so they run on what the gradients left standing.
     return sorted(suite, key=lambda a: (not a.attack.needs_gradients, 0 if "fgsm" in a.name else 1))
-
-
-def environment(device: str) -> dict[str, Any]:
-    versions = {}
-    for dist in ("robustkit", "torch", "robustkit-torchattacks", "torchattacks", "robustkit-art",
-                 "adversarial-robustness-toolbox", "onnx", "onnxruntime"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return {**versions, "python": platform.python_version(), "platform": platform.platform(), "device": device,
-            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()}
 
 
 def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evaluation: Evaluation,
@@ -269,13 +250,12 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
     Under torchrun every rank returns only after rank 0 has written the report, with the
     process group ended (``distributed_session``).
     """
-    with distributed_session(config.load.device) as dist_ctx:
+    with distributed_session(config.load.device) as dist_ctx, seeded(config.seed, config.load.device):
         return _run_audit(config, dist_ctx)
 
 
 def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.load)
     data = load_dataset(config.data)
     if config.limit is not None:
@@ -283,7 +263,7 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
             raise RobustkitError(f"--limit must be >= 1, got {config.limit}")
         data.x, data.y = data.x[: config.limit], data.y[: config.limit]
     if loaded.format == "onnx":
-        from robustkit.builtins.onnx_loader import choose_access
+        from robustkit.models.onnx import choose_access
 
         choose_access(loaded, data.x, device=config.load.device, black_box=config.black_box)
     elif config.black_box and loaded.white_box:

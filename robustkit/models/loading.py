@@ -6,20 +6,19 @@ from safetensors or ``torch.load(weights_only=True)`` into an architecture the u
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
+from robustkit.models.base import LoadedModel, LoadOptions
 from robustkit.modules import Model, Normalized, model_device, predict_logits
 
 log = logging.getLogger(__name__)
@@ -27,61 +26,9 @@ log = logging.getLogger(__name__)
 SAFE_FORMATS = "safetensors or a state-dict .pt/.pth with --arch, ONNX, or builtin:NAME"
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    arch: str | None = None  #: "module:factory", "path/file.py:factory" or "builtin:NAME"
-    trust_code: bool = False  #: allow formats that run code when loaded
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    device: str = "cpu"
-
-
-@dataclass
-class LoadedModel:
-    """A loaded model and where it came from (the ``model`` block of a report)."""
-
-    model: Model  #: an ``nn.Module`` when gradients are available, else a predict function
-    source: str
-    format: str
-    sha256: str
-    trusted_code: bool = False  #: True when a file that can run code was opened
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def white_box(self) -> bool:
-        return isinstance(self.model, nn.Module)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "format": self.format,
-            "sha256": self.sha256,
-            "white_box": self.white_box,
-            "trusted_code": self.trusted_code,
-            "notes": list(self.notes),
-        }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_sha256(module: nn.Module) -> str:
-    """Hash of a module's weights: identifies models that have no file (built-ins)."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def build_architecture(spec: str) -> nn.Module:
     """Instantiate ``builtin:NAME``, ``package.module:factory`` or ``file.py:factory``."""
-    from robustkit.zoo import ARCHITECTURES
+    from robustkit.models.zoo import ARCHITECTURES
 
     if spec.startswith("builtin:"):
         name = spec[len("builtin:"):]
@@ -143,7 +90,7 @@ def _parse_floats(values: Sequence[float] | None) -> tuple[float, ...] | None:
 
 def load_model(ref: str, options: LoadOptions | None = None) -> LoadedModel:
     """Load ``ref`` with the first plugin loader that recognises it, then apply ``--mean/--std``."""
-    from robustkit.host import get_host
+    from robustkit.plugin.host import get_host
 
     options = options or LoadOptions()
     if (options.mean is None) != (options.std is None):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from robustkit.commands.common import load_options, model_options, option_pairs
+from robustkit.cli.common import load_options, model_options, option_pairs
 
 
 @click.command()
@@ -41,7 +41,7 @@ def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str |
           mode: str, check_samples: int, no_checks: bool, black_box: bool,
           certify: bool) -> None:
     """Measure MODEL's clean and robust accuracy, with checks that catch gradient masking."""
-    from robustkit.audit import AuditConfig, parse_eps_list, run_audit
+    from robustkit.audit.run import AuditConfig, parse_eps_list, run_audit
     from robustkit.threat import Norm
 
     config = AuditConfig(

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from robustkit.commands.common import model_options, parse_floats
+from robustkit.cli.common import model_options, parse_floats
 from robustkit.errors import RobustkitError
 
 #: Keys a --config file may hold; "environment" (written for the record) is ignored. Not

@@ -34,7 +34,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_options(arch: str | None, trust_code: bool, mean: str | None, std: str | None, device: str) -> Any:
-    from robustkit.loading import LoadOptions
+    from robustkit.models.base import LoadOptions
 
     return LoadOptions(arch=arch, trust_code=trust_code, mean=parse_floats(mean, "--mean"),
                        std=parse_floats(std, "--std"), device=device)

@@ -2,7 +2,7 @@
 
 They are small on purpose: everything in robustkit must run, train and be tested on a 2-core
 CPU with the bundled 8x8 digits. Factories take keyword arguments with working defaults so
-that ``--arch robustkit.zoo:digits_cnn`` works as well as ``--arch builtin:digits-cnn``.
+that ``--arch robustkit.models.zoo:digits_cnn`` works as well as ``--arch builtin:digits-cnn``.
 """
 from __future__ import annotations
 

@@ -13,9 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from robustkit.attacks.base import NoParams
 from robustkit.data import Dataset
-from robustkit.params import coerce
+from robustkit.params import Configurable
 from robustkit.threat import ThreatModel
 
 
@@ -27,16 +26,9 @@ class DefenceResult:
     survives_export: bool = True  #: False for transformations outside the graph or randomness
 
 
-class Defence(ABC):
-    name: ClassVar[str]
+class Defence(Configurable, ABC):
     kind: ClassVar[Literal["training", "transform"]]
-    Params: ClassVar[type] = NoParams
-    aliases: ClassVar[tuple[str, ...]] = ()
-    summary: ClassVar[str] = ""
     masks_gradients: ClassVar[bool] = False
-
-    def __init__(self, params: Any = None, /, **overrides: Any) -> None:
-        self.params = params if params is not None else coerce(self.Params, overrides, owner=self.name)
 
     @abstractmethod
     def apply(self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel) -> DefenceResult:

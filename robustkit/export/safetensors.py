@@ -15,8 +15,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-from robustkit.exporters import METADATA_KEY, Exporter, ExportResult
-from robustkit.loading import file_sha256, load_state_dict_strict
+from robustkit.export.run import METADATA_KEY, Exporter, ExportResult
+from robustkit.models.base import file_sha256
+from robustkit.models.loading import load_state_dict_strict
 from robustkit.modules import Model, Normalized
 
 

@@ -13,25 +13,16 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from robustkit.io import atomic_write
 
 SCHEMA_VERSION = "1.1"
 #: Keys every report.json carries (tests check the schema against this).
 REQUIRED_KEYS = ("schema_version", "complete", "clean_accuracy", "clean_ci95", "n", "threat", "mode",
                  "results", "worst_case", "certification", "checks", "model", "data", "environment")
-
-
-@dataclass(frozen=True)
-class ReportSection:
-    """A titled block of Markdown that a plugin adds to reports (``robustkit_report_sections``)."""
-
-    title: str
-    markdown: str
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -50,28 +41,6 @@ def accuracy_with_ci(accuracy: float, n: int) -> dict[str, Any]:
     return {"robust_accuracy": accuracy, "ci95": [low, high]}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    payload = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make reports owner-only
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
@@ -82,12 +51,12 @@ def _ci(ci: Sequence[float]) -> str:
 
 def plot_png(report: dict[str, Any]) -> bytes:
     """Robust accuracy against eps for each attack and the worst case, as a PNG."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig = Figure(figsize=(6.4, 4.0), dpi=110)  # no pyplot: its global backend and figure list stay untouched
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     clean = report["clean_accuracy"]
     by_attack: dict[str, list[tuple[float, float]]] = {}
     for row in report["results"]:
@@ -117,7 +86,6 @@ def plot_png(report: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 

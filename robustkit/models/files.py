@@ -10,15 +10,8 @@ import torch
 from torch import nn
 
 from robustkit.errors import RobustkitError, UnsafeFileError
-from robustkit.loading import (
-    SAFE_FORMATS,
-    LoadedModel,
-    LoadOptions,
-    build_architecture,
-    file_sha256,
-    load_state_dict_strict,
-    state_sha256,
-)
+from robustkit.models.base import LoadedModel, LoadOptions, file_sha256, state_sha256
+from robustkit.models.loading import SAFE_FORMATS, build_architecture, load_state_dict_strict
 
 STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 
@@ -126,7 +119,7 @@ def load_model_file(ref: str, options: LoadOptions) -> LoadedModel | None:
     if suffix == ".pt2":
         return _load_exported_program(path, options)
     if suffix == ".onnx":
-        from robustkit.builtins.onnx_loader import load_onnx
+        from robustkit.models.onnx import load_onnx
 
         return load_onnx(path, options)
     if suffix in (".pkl", ".pickle", ".joblib"):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-from robustkit.exporters import METADATA_KEY, Exporter, ExportResult
+from robustkit.export.run import METADATA_KEY, Exporter, ExportResult
 from robustkit.modules import Model
 from robustkit.params import param
 
@@ -156,6 +156,6 @@ class OnnxExporter(Exporter):
         return ExportResult(path, "onnx", files, details=details, warnings=found)
 
     def load(self, path: Path, model: nn.Module) -> Model:
-        from robustkit.builtins.onnx_loader import OnnxPredictor
+        from robustkit.models.onnx import OnnxPredictor
 
         return OnnxPredictor(path)

@@ -23,9 +23,9 @@ from typing import Any
 
 import pluggy
 
-from robustkit import hookspecs
 from robustkit.errors import RobustkitError
-from robustkit.registry import BUILTIN_PROVIDER, ProviderRegistry, Registry
+from robustkit.plugin import hookspecs
+from robustkit.plugin.registry import BUILTIN_PROVIDER, ProviderRegistry, Registry
 
 log = logging.getLogger(__name__)
 

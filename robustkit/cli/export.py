@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from robustkit.commands.common import load_options, model_options, option_pairs
+from robustkit.cli.common import load_options, model_options, option_pairs
 
 
 @click.command()
@@ -32,7 +32,7 @@ def export(model: str, arch: str | None, trust_code: bool, mean: str | None, std
            fmt: str, options: tuple[tuple[str, str], ...], out: Path | None, report: Path | None, data: str,
            threat: str | None, eps: str | None, samples: int, no_audit: bool, as_json: bool) -> None:
     """Export MODEL for deployment, verify the copy against torch on real data, embed its robustness."""
-    from robustkit.exporters import ExportConfig, run_export
+    from robustkit.export.run import ExportConfig, run_export
     from robustkit.threat import Norm, parse_number
 
     config = ExportConfig(

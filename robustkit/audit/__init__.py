@@ -1,0 +1,1 @@
+"""``robustkit audit``: the evaluation engine, certificates, sanity checks, the report and the job."""

@@ -1,1 +1,0 @@
-"""Click commands beyond the registry listings: audit, harden, export."""

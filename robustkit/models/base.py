@@ -1,0 +1,65 @@
+"""What a model loader is given and returns (the ``robustkit_load_model`` hook's types), and
+the hashes that identify a model in a report."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkit.modules import Model
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    arch: str | None = None  #: "module:factory", "path/file.py:factory" or "builtin:NAME"
+    trust_code: bool = False  #: allow formats that run code when loaded
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and where it came from (the ``model`` block of a report)."""
+
+    model: Model  #: an ``nn.Module`` when gradients are available, else a predict function
+    source: str
+    format: str
+    sha256: str
+    trusted_code: bool = False  #: True when a file that can run code was opened
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def white_box(self) -> bool:
+        return isinstance(self.model, nn.Module)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "sha256": self.sha256,
+            "white_box": self.white_box,
+            "trusted_code": self.trusted_code,
+            "notes": list(self.notes),
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """Hash of a module's weights: identifies models that have no file (built-ins)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

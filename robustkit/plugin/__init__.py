@@ -1,0 +1,1 @@
+"""The plugin layer: hook specifications, the pluggy host and the name registries."""
