@@ -58,8 +58,9 @@ def parse_number(text: str | float | int) -> float:
     return value
 
 
-def per_sample_norm(delta: Tensor, norm: Norm) -> Tensor:
+def per_sample_norm(delta: Tensor, norm: Norm | str) -> Tensor:
     """The norm of each sample's perturbation, shape (N,), computed in fp32."""
+    norm = Norm.parse(norm)
     flat = delta.detach().float().flatten(1)
     if norm is Norm.LINF:
         return flat.abs().amax(dim=1)

@@ -254,13 +254,29 @@ def test_conversion_is_trusted_only_when_it_agrees_with_onnxruntime(
 
     _unconvertible(path, tmp_path / "shrink.onnx")
     loaded = load_model(str(tmp_path / "shrink.onnx"))
-    onnx_loader.choose_access(loaded, x)
-    assert not loaded.white_box and any("no torch conversion" in n and "Shrink" in n for n in loaded.notes)
+    with pytest.raises(RobustkitError, match=r"no white-box conversion to torch .*Shrink.*--black-box"):
+        onnx_loader.choose_access(loaded, x)  # never a silent fall-back to weaker, score-only attacks
 
     monkeypatch.setattr(onnx_loader, "convert_to_torch", lambda p: digits_cnn().eval())  # a wrong "conversion"
     loaded = load_model(str(path))
+    with pytest.raises(RobustkitError, match=r"disagrees with onnxruntime.*--black-box"):
+        onnx_loader.choose_access(loaded, x)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_what_torch_onnx_export_writes_today_is_audited_white_box(tmp_path: Path, digits, dynamo: bool) -> None:
+    """torch.onnx.export (opset 20; dynamo writes Reshape-19 with allowzero) converts exactly."""
+    x, _ = digits
+    net = trained_digits_model("cnn").eval()
+    path = tmp_path / "model.onnx"
+    shapes = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamo else {"dynamic_axes": {"x": {0: "n"}}}
+    torch.onnx.export(net, (x[:2],), str(path), dynamo=dynamo, input_names=["x"], **shapes)
+    assert onnx.load(str(path)).opset_import[0].version >= 18
+    loaded = load_model(str(path))
     onnx_loader.choose_access(loaded, x)
-    assert not loaded.white_box and any("disagrees with onnxruntime" in n for n in loaded.notes)
+    assert loaded.white_box
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), net(x), atol=1e-4)
 
 
 def test_onnx_audit_white_box_matches_the_torch_audit(cnn_export: tuple[ExportResult, Path]) -> None:
@@ -276,7 +292,7 @@ def test_onnx_audit_white_box_matches_the_torch_audit(cnn_export: tuple[ExportRe
         assert abs(ours["robust_accuracy"] - theirs["robust_accuracy"]) <= 2 / 120
 
 
-def test_onnx_audit_black_box_on_request_and_when_unconvertible(
+def test_onnx_audit_black_box_only_on_request(
     cnn_export: tuple[ExportResult, Path], tmp_path: Path
 ) -> None:
     path = cnn_export[0].path
@@ -293,7 +309,10 @@ def test_onnx_audit_black_box_on_request_and_when_unconvertible(
         run_audit(AuditConfig(str(path), black_box=True, attacks=("pgd",), eps=(0.1,), limit=8))
 
     _unconvertible(path, tmp_path / "shrink.onnx")
-    forced = run_audit(AuditConfig(str(tmp_path / "shrink.onnx"), **common))
+    with pytest.raises(RobustkitError, match="no white-box conversion"):
+        run_audit(AuditConfig(str(tmp_path / "shrink.onnx"), **common))
+    refused = CliRunner().invoke(cli, ["audit", str(tmp_path / "shrink.onnx"), "--eps", "0.1", "--limit", "60"])
+    assert refused.exit_code == 1 and "--black-box" in refused.output and "Shrink" in refused.output
+    forced = run_audit(AuditConfig(str(tmp_path / "shrink.onnx"), black_box=True, **common))
     assert forced["attack_access"].startswith("black-box")
-    assert any("no torch conversion" in note for note in forced["model"]["notes"])
     assert forced["worst_case"] == requested["worst_case"]  # same runtime, same seeded attack

@@ -59,6 +59,10 @@ class Attack(Configurable, ABC):
     #: engine can attack every eps of an audit in one run. That pays for a score-based attack,
     #: whose per-query overhead a small batch at each eps would pay once per eps.
     per_sample_eps: ClassVar[bool] = False
+    #: ``run`` searches for each sample's smallest adversarial perturbation (and takes
+    #: ``radii``): the norm of what it finds settles the sample at every eps at once, so the
+    #: engine runs it once per sample, in the ball of the largest eps where the sample stands.
+    minimum_norm: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
@@ -70,7 +74,7 @@ class Attack(Configurable, ABC):
         ``labels`` are the true classes, or the target classes when ``threat.targeted``.
         The model is already in eval mode. The result need not be projected: ``__call__``
         projects it into the ball and bounds, so an attack cannot cheat by leaving them.
-        An attack with ``per_sample_eps`` also takes ``radii``, a float64 tensor (N,) of each
+        An attack with ``per_sample_eps`` or ``minimum_norm`` also takes ``radii``, a float64 tensor (N,) of each
         sample's radius, none above ``threat.eps``, and must then use it instead of ``threat.eps``.
         """
 
@@ -111,7 +115,7 @@ class Attack(Configurable, ABC):
         return AttackResult(x_adv, success, logits, time.perf_counter() - start)
 
     def _check_radii(self, radii: Tensor, n: int, threat: ThreatModel) -> Tensor:
-        if not self.per_sample_eps:
+        if not (self.per_sample_eps or self.minimum_norm):
             raise RobustkitError(f"attack {self.name!r} takes one eps per call, not one per sample")
         radii = radii.detach().cpu().double()
         if radii.shape != (n,) or not bool(((radii >= 0) & (radii <= threat.eps)).all()):

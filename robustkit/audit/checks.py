@@ -10,6 +10,7 @@ run, so they cost a fraction of it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,7 +25,12 @@ from robustkit.models.loading import OutputCheck
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
 from robustkit.threat import Norm, ThreatModel
 
-Status = Literal["pass", "warn", "fail"]
+#: "untested": the check ran but had nothing to test (e.g. no sample breaks at its eps); it is
+#: reported as such, never as a pass.
+Status = Literal["pass", "warn", "fail", "untested"]
+
+#: z of the two-sided 95% interval around chance accuracy that counts as "at chance".
+CHANCE_Z = 1.959964
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,35 @@ def _standing(model: Model, x: Tensor, y: Tensor, attack: Attack, threat: Threat
     return torch.cat(standing)
 
 
+def clean_accuracy_vs_chance(clean_correct: Tensor, num_classes: int) -> Check:
+    """A model at chance on clean data is not seeing its inputs as it was trained to (missing
+    --mean/--std, wrong scaling or labels, the wrong data set): attacking it measures nothing,
+    and every later check would pass on it."""
+    n = len(clean_correct)
+    accuracy, chance = float(clean_correct.float().mean()), 1.0 / num_classes
+    half_width = CHANCE_Z * math.sqrt(chance * (1 - chance) / max(n, 1))
+    detail = f"clean accuracy {accuracy:.1%} on {n} samples; chance is {chance:.1%} (+-{half_width:.1%})"
+    if accuracy <= chance + half_width:
+        return Check("clean accuracy above chance", "fail", detail + ": clean accuracy is at chance: check "
+                     "--mean/--std, the data's scaling and labels, --data; the attacks were skipped")
+    return Check("clean accuracy above chance", "pass", detail)
+
+
+def informative_eps(evaluation: Evaluation) -> float | None:
+    """The audited eps at which checks that compare attacks can tell them apart: the one where
+    the worst case broke closest to half of the clean-correct samples (some broken, some
+    standing); None if no sample breaks at any eps."""
+    correct = evaluation.clean_correct
+    if not evaluation.outcomes or not bool(correct.any()):
+        return None
+    worst = evaluation.worst_broken_at()[correct]
+    shares = {e: float((worst <= e).float().mean()) for e in evaluation.eps}
+    broken = {e: share for e, share in shares.items() if share > 0}
+    if not broken:
+        return None
+    return min(broken, key=lambda e: (abs(broken[e] - 0.5), e))
+
+
 def determinism(model: Model, x: Tensor) -> Check:
     first, second = predict_logits(model, x[:64]), predict_logits(model, x[:64])
     gap = float((first - second).abs().max())
@@ -111,6 +146,9 @@ def iterative_vs_fgsm(inputs: CheckInputs) -> Check:
     weaker = int((~fgsm & iterative).sum())
     detail = (f"at eps {inputs.threat.eps:g}, {inputs.iterative.name} left standing {weaker} of {len(fgsm)} samples "
               f"that FGSM broke (FGSM {fgsm.float().mean():.1%}, iterative {iterative.float().mean():.1%})")
+    if bool(fgsm.all()) and bool(iterative.all()):
+        return Check("iterative >= fgsm", "untested",
+                     detail + ": neither attack broke a sample here, nothing to compare")
     if weaker == 0:
         return Check("iterative >= fgsm", "pass", detail)
     return Check("iterative >= fgsm", "fail" if weaker > 0.02 * len(fgsm) else "warn",
@@ -151,6 +189,9 @@ def monotone_in_eps(inputs: CheckInputs) -> Check:
             for e in inputs.eps]
     rises = [(a, b, e) for a, b, e in zip(accs, accs[1:], inputs.eps[1:]) if b > a + 1.0 / len(inputs.x) + 1e-9]
     listing = ", ".join(f"{e:g}: {a:.1%}" for e, a in zip(inputs.eps, accs))
+    if len(set(accs)) == 1:
+        return Check("monotone in eps", "untested", f"{named.name} gives {accs[0]:.1%} at every eps ({listing}): "
+                     "a flat curve cannot show a rise")
     if not rises:
         return Check("monotone in eps", "pass", f"{named.name} run independently per eps: {listing}")
     return Check("monotone in eps", "fail", f"{named.name} accuracy rises with eps ({listing}): the attack fails at "
@@ -205,6 +246,8 @@ def convergence(inputs: CheckInputs) -> Check:
     gap = base - strong
     detail = (f"{named.name} with twice the steps and one more restart: {base:.1%} -> {strong:.1%} "
               f"on {len(inputs.x)} samples at eps {inputs.threat.eps:g}")
+    if base == strong == 1.0:
+        return Check("convergence", "untested", detail + ": no sample breaks at this eps, nothing to converge on")
     if gap <= 0.01 + 1e-9:
         return Check("convergence", "pass", detail)
     return Check("convergence", "warn", detail + ": the attack has not converged; raise steps/restarts (-o)")

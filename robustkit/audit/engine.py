@@ -9,10 +9,10 @@ still change the answer.
 - every adversarial example is checked in fp32 (in the ball, in the bounds, finite) before it
   counts, whatever the attack claims;
 - with ``certify``, samples proven robust by bound propagation (``robustkit.audit.certify``) are not
-  attacked at that eps: no attack can break them. Certificates are computed after the gradient
-  attacks and before the first gradient-free one: a certificate costs a few forward passes'
-  worth, less than a score-based attack's queries but more than FGSM or PGD, so it is spent
-  only on the samples the cheap attacks could not break;
+  attacked at that eps: no attack can break them. Certificates are computed after the first
+  (cheapest) attack: a certificate costs a few forward passes' worth, more than FGSM but less
+  than an iterative attack's hundreds of steps or a score-based attack's queries, so it is
+  spent on the samples the cheap attack could not break and spares them every later attack;
 - a gradient-free attack that takes per-sample radii (``Attack.per_sample_eps``, as Square
   does) runs last, once for every eps: one batch holds the survivors of each eps, each in its
   own ball. Each query has a fixed overhead (about 1 ms for a small CNN on 2 CPU cores,
@@ -38,7 +38,7 @@ from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model, fast_layout, predict_logits
-from robustkit.threat import Norm, ThreatModel
+from robustkit.threat import TOLERANCE, Norm, ThreatModel, per_sample_norm
 
 NEVER = math.inf
 #: A gradient-free attack keeps no activations for a backward pass, so it takes batches this
@@ -98,6 +98,8 @@ class Evaluation:
         return float((outcome.broken_at > eps).float().mean())
 
     def worst_broken_at(self) -> Tensor:
+        if not self.outcomes:  # no attack ran (e.g. skipped): only clean mistakes are broken
+            return torch.where(self.clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
         stacked = torch.stack([o.broken_at for o in self.outcomes])
         return stacked.min(dim=0).values
 
@@ -120,6 +122,8 @@ class Evaluation:
 
     def breaking_attack(self) -> list[str | None]:
         """Per sample, the first attack (in order) that broke it at the smallest eps."""
+        if not self.outcomes:
+            return [None] * self.n
         stacked = torch.stack([o.broken_at for o in self.outcomes])
         best = stacked.min(dim=0)
         names: list[str | None] = []
@@ -210,10 +214,10 @@ def evaluate(
 
                 for step, threat in enumerate(threats):
                     certified = certifier is None
-                    for named, outcome in zip(attacks, outcomes):
+                    for position, (named, outcome) in enumerate(zip(attacks, outcomes)):
                         if _batches_eps(named.attack):
                             continue
-                        if not certified and not named.attack.needs_gradients:
+                        if not certified and position > 0:
                             certify_step(step)
                             certified = True
                         run(named, outcome, [threat])
@@ -230,13 +234,36 @@ def evaluate(
 def _batches_eps(attack: Attack) -> bool:
     """Whether the engine runs ``attack`` once for all eps, after every other attack.
 
-    Only gradient-free attacks that take per-sample radii: their many queries each pay a fixed
-    overhead, which one run over the survivors of every eps pays once (on the audit benchmark,
-    5.8 s instead of 8.2-8.7 s for the same 320 samples). Gradient attacks stay eps by eps,
-    where the nesting of the balls saves more: a sample broken at one eps is not attacked at
-    the next.
+    Minimum-norm attacks, whose one run per sample answers every eps; and gradient-free
+    attacks that take per-sample radii: their many queries each pay a fixed overhead, which one
+    run over the survivors of every eps pays once (docs/performance.md). Other gradient attacks
+    stay eps by eps, where the nesting of the balls saves more: a sample broken at one eps is
+    not attacked at the next.
     """
-    return attack.per_sample_eps and not attack.needs_gradients
+    return attack.minimum_norm or (attack.per_sample_eps and not attack.needs_gradients)
+
+
+def _rows(attack: Attack, todo: Sequence[Tensor], threats: Sequence[ThreatModel]) -> tuple[Tensor, Tensor]:
+    """The samples to attack and the radius of each: one row per (sample, eps) to attack; for a
+    minimum-norm attack, one row per sample, at the largest eps where it still stands."""
+    samples = torch.cat(list(todo))
+    eps = torch.cat([torch.full((len(t),), threat.eps, dtype=torch.float64) for t, threat in zip(todo, threats)])
+    if not attack.minimum_norm or not len(samples):
+        return samples, eps
+    largest = torch.full((int(samples.max()) + 1,), -1.0, dtype=torch.float64)
+    largest.scatter_reduce_(0, samples, eps, reduce="amax")
+    unique = (largest >= 0).nonzero().squeeze(1)
+    return unique, largest[unique]
+
+
+def _settled_at(found: Tensor, radii: Tensor, threats: Sequence[ThreatModel]) -> Tensor:
+    """For a minimum-norm attack's examples at distance ``found``: the smallest audited eps that
+    holds each (the balls are nested, so it breaks the sample there and at every larger eps);
+    ``radii`` (the ball it was attacked in) where none is smaller."""
+    eps = torch.tensor(sorted(t.eps for t in threats), dtype=torch.float64)
+    slack = TOLERANCE * max(1.0, float(eps.max()))
+    index = torch.searchsorted(eps, found.double() - slack).clamp_max(len(eps) - 1)
+    return torch.minimum(eps[index], radii)
 
 
 def _attack_subset(
@@ -251,8 +278,7 @@ def _attack_subset(
     Returns the seconds spent at each eps (a batch's time is shared out by its samples at each
     eps, as each costs the attack the same budget) and the number of examples rejected.
     """
-    samples = torch.cat(list(todo))
-    eps = torch.cat([torch.full((len(t),), threat.eps, dtype=torch.float64) for t, threat in zip(todo, threats)])
+    samples, eps = _rows(attack, todo, threats)
     largest, single = max(threats, key=lambda t: t.eps), len(threats) == 1
     seconds, rejected = dict.fromkeys((t.eps for t in threats), 0.0), 0
     size = batch_size if attack.needs_gradients else batch_size * GRADIENT_FREE_BATCH_FACTOR
@@ -265,7 +291,9 @@ def _attack_subset(
         # Broken means misclassified (for targeted attacks too: missing the target while still
         # changing the answer breaks the sample as much as hitting it).
         broken = (result.logits.argmax(1) != yb).cpu() & ~invalid
-        broken_at.scatter_reduce_(0, index[broken], radii[broken].to(broken_at.dtype), reduce="amin")
+        credited = _settled_at(per_sample_norm(result.x_adv - xb, largest.norm).cpu(), radii, threats) \
+            if attack.minimum_norm else radii
+        broken_at.scatter_reduce_(0, index[broken], credited[broken].to(broken_at.dtype), reduce="amin")
         for radius in radii.unique().tolist():
             seconds[radius] += result.seconds * float((radii == radius).double().mean())
         batch_done(len(rows) / len(samples))

@@ -80,7 +80,8 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no attack ran
+        ax.legend(fontsize=8)
     scope = " (cascade: each line includes the attacks before it)" if report["mode"] == "cascade" else ""
     ax.set_title("robust accuracy against eps" + scope + ("" if report["complete"] else " INCOMPLETE"), fontsize=9)
     buffer = io.BytesIO()
@@ -104,9 +105,14 @@ def _banners(report: dict[str, Any]) -> list[tuple[str, str]]:
     banners = []
     if not report["complete"]:
         banners.append(("fail", "This audit was interrupted: the numbers cover only what was computed."))
+    caveat = report.get("config", {}).get("suite", {}).get("caveat")
+    if caveat:
+        banners.append(("warn", caveat))
     for check in report["checks"]:
         if check["status"] in ("warn", "fail"):
             banners.append((check["status"], f"{check['name']}: {check['detail']}"))
+        elif check["status"] == "untested":
+            banners.append(("warn", f"{check['name']} (not tested): {check['detail']}"))
     return banners
 
 

@@ -1,13 +1,14 @@
 """``robustkit audit``: a robustness report that a careful reviewer would sign.
 
-Loads the model and data safely, picks the attack suite (a default one: FGSM, PGD with
-restarts, APGD when a plugin offers it, and the gradient-free Square), runs the evaluation
-engine, runs the sanity checks and writes the report. Partial results are written after every
+Loads the model and data safely, picks the attack suite (``robustkit.audit.suites``; the
+default: FGSM, APGD-CE, APGD-T with the DLR loss, FMN and Square), runs the evaluation engine,
+runs the sanity checks and writes the report. Partial results are written after every
 (attack, eps), so Ctrl-C or a crash leaves a valid report marked incomplete.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from robustkit.attacks.base import Attack
 from robustkit.audit import checks
 from robustkit.audit.engine import NEVER, Evaluation, NamedAttack, evaluate
 from robustkit.audit.report import SCHEMA_VERSION, accuracy_with_ci, wilson_interval, write_report
+from robustkit.audit.suites import get_suite
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.environment import environment
@@ -31,12 +33,12 @@ from robustkit.modules import predict_logits, seeded
 from robustkit.params import coerce
 from robustkit.plugin.hookspecs import ReportSection
 from robustkit.plugin.host import get_host
+from robustkit.plugin.registry import Entry
 from robustkit.threat import Norm, ThreatModel, default_eps, parse_number
 
+log = logging.getLogger(__name__)
+
 Mode = Literal["cascade", "per-attack"]
-#: The default suite, cheapest first; the first registered name of each group is taken.
-DEFAULT_SUITE = (("fgsm",), ("pgd",), ("torchattacks:apgd", "art:apgd"), ("square", "torchattacks:square"))
-DEFAULT_OVERRIDES = {"pgd": {"steps": 20, "restarts": 2}}
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class AuditConfig:
     model: str
     data: str = "builtin:digits"
     load: LoadOptions = field(default_factory=LoadOptions)
-    attacks: tuple[str, ...] = ()
+    attacks: tuple[str, ...] = ()  #: named attacks replace the suite
+    suite: str = "default"  #: a name of robustkit.audit.suites.SUITES
     options: tuple[tuple[str, str], ...] = ()  #: -o KEY VALUE, or -o ATTACK.KEY VALUE
     norm: Norm = Norm.LINF
     eps: tuple[float, ...] = ()
@@ -98,41 +101,38 @@ def _fields(attack_cls: type[Attack]) -> set[str]:
 
 
 def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
-    """Resolve the attacks, apply options, and order them cheapest first (gradient-free last)."""
+    """Resolve the attacks (``--attack``, else the named suite), apply options, and order them
+    cheapest first (gradient-free last)."""
     registry = get_host().attacks
+    entries: list[tuple[Entry[Any], dict[str, Any]]]
     if config.attacks:
-        entries = [registry.resolve(name) for name in config.attacks]
+        entries = [(registry.resolve(name), {}) for name in config.attacks]
     else:
-        entries = []
-        for group in DEFAULT_SUITE:
-            for name in group:
-                try:
-                    entry = registry.resolve(name)
-                except RobustkitError:
-                    continue
-                if config.norm in entry.obj.norms:
-                    entries.append(entry)
-                    break
+        spec = get_suite(config.suite)
+        entries = [(registry.resolve(a.name), dict(a.settings)) for a in spec.attacks]
+        skipped = [e.qualified_name for e, _ in entries if config.norm not in e.obj.norms]
+        if skipped:
+            log.warning("suite %s: %s do not support %s and are left out", spec.name, ", ".join(skipped),
+                        config.norm.value)
+        entries = [(e, s) for e, s in entries if config.norm in e.obj.norms]
     if not white_box:
-        refused = [e.qualified_name for e in entries if e.obj.needs_gradients]
+        refused = [e.qualified_name for e, _ in entries if e.obj.needs_gradients]
         if config.attacks and refused:
             raise RobustkitError(f"{', '.join(refused)} need gradients, which this model does not give; "
                                  "use a gradient-free attack such as square")
-        entries = [e for e in entries if not e.obj.needs_gradients]
-    for entry in entries:
+        entries = [(e, s) for e, s in entries if not e.obj.needs_gradients]
+    for entry, _ in entries:
         if config.norm not in entry.obj.norms:
             norms = ", ".join(sorted(n.value for n in entry.obj.norms))
             raise RobustkitError(f"{entry.qualified_name} does not support {config.norm.value}; it supports {norms}")
-    names = [e.qualified_name for e in entries]
+    names = [e.qualified_name for e, _ in entries]
     if len(set(names)) != len(names):
         raise RobustkitError("the same attack is named twice")
     routed = _split_options(config.options, names)
     suite = []
-    for entry in entries:
+    for entry, suite_settings in entries:
         fields = _fields(entry.obj)
-        settings: dict[str, Any] = {}
-        if not config.attacks:
-            settings.update(DEFAULT_OVERRIDES.get(entry.name, {}))
+        settings: dict[str, Any] = dict(suite_settings)
         for key, value in (("precision", config.precision), ("seed", config.seed)):
             if key in fields:
                 settings[key] = value
@@ -188,9 +188,17 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
         "model": loaded.describe(),
         "data": {**data.describe(), "limit": config.limit},
         "environment": environment(config.load.device),
-        "config": {"attacks": [a.name for a in suite], "batch_size": config.batch_size, "seed": config.seed,
+        "config": {"suite": _suite_description(config), "attacks": [a.name for a in suite],
+                   "batch_size": config.batch_size, "seed": config.seed,
                    "precision": config.precision, "check_samples": config.check_samples},
     }
+
+
+def _suite_description(config: AuditConfig) -> dict[str, Any]:
+    if config.attacks:
+        return {"name": "custom", "summary": "the attacks named with --attack", "caveat": "", "attacks": [
+            {"name": name, "settings": {}} for name in config.attacks]}
+    return get_suite(config.suite).describe()
 
 
 def _certified(evaluation: Evaluation, eps: float) -> dict[str, Any]:
@@ -217,18 +225,24 @@ def _eps_cell(value: float, empty: float) -> str | float:
     return "" if value == empty else float(f"{value:.6g}")
 
 
-def _pick(suite: list[NamedAttack], predicate: Any) -> NamedAttack | None:
+def _pick(suite: list[NamedAttack], predicate: Any, *, first: bool = False) -> NamedAttack | None:
     found = [a for a in suite if predicate(a)]
-    return found[-1] if found else None
+    return (found[0] if first else found[-1]) if found else None
 
 
 def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation, suite: list[NamedAttack],
                output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
     x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
     eps = sorted(evaluation.eps)
-    middle = eps[len(eps) // 2] if eps else 0.0
+    # Checks that compare attacks run where samples break: at an eps where nothing breaks
+    # (or everything does) they compare nothing and would pass.
+    informative = checks.informative_eps(evaluation)
+    middle = informative if informative is not None else (eps[len(eps) // 2] if eps else 0.0)
     fgsm = _pick(suite, lambda a: a.attack.needs_gradients and a.name.endswith(":fgsm"))
-    iterative = _pick(suite, lambda a: a.attack.needs_gradients and not a.name.endswith(":fgsm"))
+    # the first eps-bounded iterative attack (APGD in the suites): checks rerun it with other
+    # settings, which a minimum-norm search (FMN) answers only at many times the cost
+    iterative = _pick(suite, lambda a: a.attack.needs_gradients and not a.name.endswith(":fgsm")
+                      and not a.attack.minimum_norm, first=True)
     free = _pick(suite, lambda a: not a.attack.needs_gradients)
     inputs = checks.CheckInputs(model, x_sub, y_sub, ThreatModel(config.norm, middle, data.bounds), eps,
                                 fgsm, iterative, free, num_classes, config.batch_size)
@@ -287,14 +301,20 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
             partial["report"] = build_report(config, loaded, data, evaluation_copy, [], suite, started)
             write_report(partial["report"], config.out, render=False)
 
-    evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
-                          cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
-                          dist_ctx=dist_ctx, certify=config.certify)
-    report = build_report(config, loaded, data, evaluation, [], suite, started)
-    if not evaluation.interrupted and config.run_checks and dist_ctx.is_main:
+    clean_correct = (predict_logits(loaded.model, data.x).argmax(1).cpu() == data.y.cpu())
+    chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes)
+    if chance.status == "fail":  # nothing an attack could measure; said on the terminal and in the report
+        log.error("%s", chance.detail)
+        evaluation = Evaluation([], clean_correct, [], config.mode == "cascade")
+    else:
+        evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
+                              cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
+                              dist_ctx=dist_ctx, certify=config.certify)
+    report = build_report(config, loaded, data, evaluation, [chance], suite, started)
+    if not evaluation.interrupted and config.run_checks and dist_ctx.is_main and evaluation.outcomes:
         found = run_checks(config, loaded.model, data, evaluation, suite, output_check, report["worst_case"],
                            output_check.num_classes)
-        report["checks"] = [c.as_dict() for c in found]
+        report["checks"] = [c.as_dict() for c in [chance, *found]]
     report["sections"] = [
         {"title": s.title, "markdown": s.markdown, "plugin": plugin}
         for plugin, sections in get_host().collect("robustkit_report_sections", report=report)

@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 
 @hookimpl
 def robustkit_register_attacks(registry: ProviderRegistry[Any]) -> None:
+    from robustkit.attacks.apgd import APGD, APGDT
+    from robustkit.attacks.fmn import FMN
     from robustkit.attacks.native import FGSM, PGD
     from robustkit.attacks.square import Square
 
-    registry.add(FGSM)
-    registry.add(PGD)
-    registry.add(Square)
+    for attack in (FGSM, PGD, APGD, APGDT, FMN, Square):
+        registry.add(attack)
 
 
 @hookimpl

@@ -202,6 +202,52 @@ for _plural, _singular in (("attacks", "attack"), ("defences", "defence"), ("exp
     cli.add_command(_registry_group(_plural, _singular))
 
 
+@cli.group()
+def suites() -> None:
+    """List and inspect the named attack suites of `robustkit audit --suite`."""
+
+
+@suites.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def suites_list(as_json: bool) -> None:
+    """List the suites."""
+    from robustkit.audit.suites import SUITES
+
+    if as_json:
+        emit_json([s.describe() for s in SUITES.values()])
+        return
+    from rich.table import Table
+
+    from robustkit.console import stdout
+
+    table = Table("suite", "attacks", "summary")
+    for spec in SUITES.values():
+        table.add_row(spec.name, ", ".join(a.name for a in spec.attacks), spec.summary + (
+            f" [yellow]({spec.caveat})[/]" if spec.caveat else ""))
+    stdout.print(table)
+
+
+@suites.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def suites_show(name: str, as_json: bool) -> None:
+    """Show one suite: its attacks in order and the settings it gives each."""
+    from robustkit.audit.suites import get_suite
+
+    spec = get_suite(name)
+    if as_json:
+        emit_json(spec.describe())
+        return
+    from robustkit.console import stdout
+
+    stdout.print(f"[bold]{spec.name}[/]: {spec.summary}")
+    if spec.caveat:
+        stdout.print(f"[yellow]{spec.caveat}[/]")
+    for position, attack in enumerate(spec.attacks, 1):
+        settings = ", ".join(f"{k}={v}" for k, v in attack.settings.items()) or "defaults"
+        stdout.print(f"{position}. {attack.name} ({settings})")
+
+
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("robustkit-demo"),
               show_default=True, help="Folder for the demo's model and reports.")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from robustkit.audit.suites import SUITES
 from robustkit.cli.common import load_options, model_options, option_pairs
 
 
@@ -15,7 +16,9 @@ from robustkit.cli.common import load_options, model_options, option_pairs
 @click.option("--data", default="builtin:digits", show_default=True,
               help="builtin:NAME, a .npz with x and y, or an image folder.")
 @model_options
-@click.option("--attack", "attacks", multiple=True, help="Attack name (repeatable); default: a suite.")
+@click.option("--suite", default="default", show_default=True, type=click.Choice(list(SUITES)),
+              help="Named attack suite (`robustkit suites list`); --attack replaces it.")
+@click.option("--attack", "attacks", multiple=True, help="Attack name (repeatable); replaces the suite.")
 @click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
 @click.option("--eps", help="Comma-separated eps in input units, e.g. 2/255,8/255 (default: per norm).")
 @option_pairs
@@ -36,7 +39,8 @@ from robustkit.cli.common import load_options, model_options, option_pairs
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="Prove samples robust by bound propagation (Sequential ReLU nets) and skip attacking them.")
 def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None,
-          device: str, attacks: tuple[str, ...], threat: str, eps: str | None, options: tuple[tuple[str, str], ...],
+          device: str, suite: str, attacks: tuple[str, ...], threat: str, eps: str | None,
+          options: tuple[tuple[str, str], ...],
           out: Path | None, as_json: bool, limit: int | None, batch_size: int, seed: int, precision: str,
           mode: str, check_samples: int, no_checks: bool, black_box: bool,
           certify: bool) -> None:
@@ -45,7 +49,7 @@ def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str |
     from robustkit.threat import Norm
 
     config = AuditConfig(
-        model=model, data=data, load=load_options(arch, trust_code, mean, std, device), attacks=attacks,
+        model=model, data=data, load=load_options(arch, trust_code, mean, std, device), attacks=attacks, suite=suite,
         options=options, norm=Norm.parse(threat), eps=parse_eps_list(eps) if eps else (), limit=limit,
         batch_size=batch_size, seed=seed, precision=precision, mode=mode,  # type: ignore[arg-type]
         check_samples=check_samples, run_checks=not no_checks, black_box=black_box, out=out,
@@ -67,7 +71,10 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
 
     from robustkit.console import stdout
 
-    colours = {"pass": "green", "warn": "yellow", "fail": "red"}
+    colours = {"pass": "green", "warn": "yellow", "fail": "red", "untested": "cyan"}
+    caveat = report["config"]["suite"]["caveat"]
+    if caveat:
+        stdout.print(f"[bold yellow]{caveat}[/]")
     stdout.print(f"[bold]{report['model']['source']}[/] on {report['data']['name']}: n = {report['n']}, "
                  f"clean accuracy {100 * report['clean_accuracy']:.1f}%  ({report['attack_access']})")
     table = Table("attack", "eps", "robust acc.", "95% CI", "s",

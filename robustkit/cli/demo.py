@@ -27,7 +27,7 @@ from robustkit.train import FitConfig, fit
 DEMO_EPS = (0.05, 0.1, 0.2)
 HARDEN_EPS = 0.1
 #: Keeps the demo under a minute on two cores; a real audit uses the defaults.
-DEMO_AUDIT_OPTIONS = (("pgd.steps", "10"), ("pgd.restarts", "1"), ("square.queries", "200"))
+DEMO_AUDIT_OPTIONS = (("square.queries", "200"),)
 
 
 def run_demo(*, out: Path = Path("robustkit-demo"), epochs: int = 8, seed: int = 0,

@@ -98,16 +98,22 @@ class ConvertedOnnx(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+#: The newest opset whose operators onnx2torch converts (its Reshape converter stops at 14).
+ONNX2TORCH_OPSET = 17
+
+
 def convert_to_torch(path: Path) -> nn.Module:
     """onnx2torch's conversion, after rewrites that keep the graph's meaning but that it needs.
 
     onnxscript's optimizer folds constants into initializers (onnx2torch reads biases and
-    shapes only from those), and ``Reshape(allowzero=1)`` (what torch's dynamo exporter writes)
+    shapes only from those), ``Reshape(allowzero=1)`` (what torch's dynamo exporter writes)
     becomes the default form where the target shape is a constant without zeros, the only
-    case in which the attribute changes nothing.
+    case in which the attribute changes nothing, and graphs of a newer opset than onnx2torch
+    knows (torch.onnx.export writes 18-20) are converted down to it by onnx's version converter.
     """
     import onnx
     import onnxscript.optimizer
+    from onnx import version_converter
     from onnx2torch import convert
 
     model = onnxscript.optimizer.optimize(onnx.load(str(path)))
@@ -118,6 +124,9 @@ def convert_to_torch(path: Path) -> nn.Module:
             kept = [a for a in node.attribute if a.name != "allowzero"]
             del node.attribute[:]
             node.attribute.extend(kept)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ONNX2TORCH_OPSET)
+    if opset > ONNX2TORCH_OPSET:  # e.g. Reshape-19 (opset 19+) has no onnx2torch converter; Reshape-14 does
+        model = version_converter.convert_version(model, ONNX2TORCH_OPSET)
     return ConvertedOnnx(convert(model)).eval()
 
 
@@ -129,24 +138,26 @@ def _one_line(err: BaseException) -> str:
 def choose_access(loaded: LoadedModel, x: Tensor, *, device: str = "cpu", black_box: bool = False) -> None:
     """Swap in a torch conversion of ``loaded`` (white-box) if it agrees with onnxruntime on ``x``.
 
-    Otherwise, or with ``black_box``, the model stays onnxruntime's; the notes say which and why.
+    With ``black_box`` the model stays onnxruntime's. Without it, a graph that cannot be
+    converted, or whose conversion disagrees, is refused: score-only attacks are far weaker
+    than gradient attacks and would report a robustness the model does not have.
     """
     if black_box:
         loaded.notes.append("attacked black-box through onnxruntime, as requested (no conversion to torch)")
         return
+    fixes = ("pass --black-box to audit it through scores only (weaker attacks: the figure is an upper bound), "
+             "or audit the PyTorch weights (safetensors or a state dict with --arch)")
     try:
         converted = convert_to_torch(Path(loaded.source)).to(device)
     except Exception as err:  # unsupported operators surface as many error types
-        loaded.notes.append(f"no torch conversion ({_one_line(err)}): attacked black-box through onnxruntime")
-        return
+        raise RobustkitError(f"{loaded.source}: no white-box conversion to torch ({_one_line(err)}); {fixes}") from err
     expected = predict_logits(loaded.model, x)
     got = predict_logits(converted, x).cpu()
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     agree = float((got.argmax(1) == expected.argmax(1)).float().mean()) if got.shape == expected.shape else 0.0
     if agree < 1.0 or not diff <= CONVERSION_RTOL * max(1.0, float(expected.abs().max())):
-        loaded.notes.append(f"the torch conversion disagrees with onnxruntime on the data (max abs diff {diff:.3g}, "
-                            f"argmax agreement {100 * agree:.1f}%): attacked black-box through onnxruntime")
-        return
+        raise RobustkitError(f"{loaded.source}: its torch conversion disagrees with onnxruntime on the data (max abs "
+                             f"diff {diff:.3g}, argmax agreement {100 * agree:.1f}%); {fixes}")
     loaded.model = converted
     loaded.notes = [n for n in loaded.notes if n != RUNTIME_NOTE]
     loaded.notes.append(f"converted to torch by onnx2torch {metadata.version('onnx2torch')}; it agrees with "

@@ -1,0 +1,85 @@
+"""Named attack suites: which attacks an audit runs, in which order, with which settings.
+
+The engine runs them cheapest first and, in cascade mode, each only on what the earlier ones
+left standing, so a strong suite costs little more than its first attack on a weak model.
+
+- ``default``: native attacks, AutoAttack's components or stronger. Cross-entropy alone is not
+  a suite: a model whose softmax saturates gives vanishing CE gradients, and only a margin
+  loss that ignores the logits' scale (DLR, in APGD-T) breaks it. The minimum-norm attack
+  answers every eps of an audit in one run; Square checks that gradients did not mislead.
+- ``autoattack``: AutoAttack standard's own budget (Croce & Hein, 2020), natively, for numbers
+  comparable with RobustBench. robustkit has no FAB-T: FMN (Pintor et al., 2021), the other
+  minimum-norm attack, takes its place, and the suite says so.
+- ``quick``: FGSM and a short APGD, for a first look. Every output labels it: it is not a
+  robustness claim.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from robustkit.errors import RobustkitError
+
+
+@dataclass(frozen=True)
+class SuiteAttack:
+    name: str  #: registry name, e.g. ``robustkit:apgd``
+    settings: Mapping[str, Any] = field(default_factory=dict)  #: Params overrides
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    summary: str
+    attacks: tuple[SuiteAttack, ...]
+    #: printed beside every result of the suite; non-empty for suites that are no robustness claim
+    caveat: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "summary": self.summary, "caveat": self.caveat,
+                "attacks": [{"name": a.name, "settings": dict(a.settings)} for a in self.attacks]}
+
+
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (
+        Suite(
+            "default",
+            "FGSM, APGD-CE, APGD-T (DLR, 3 targets), FMN, Square (1,000 queries): AutoAttack's components "
+            "or stronger, cheapest first",
+            (
+                SuiteAttack("robustkit:fgsm"),
+                SuiteAttack("robustkit:apgd", {"loss": "ce", "steps": 50}),
+                SuiteAttack("robustkit:apgd-t", {"steps": 50, "n_target_classes": 3}),
+                SuiteAttack("robustkit:fmn", {"steps": 100}),
+                SuiteAttack("robustkit:square", {"queries": 1000}),
+            ),
+        ),
+        Suite(
+            "autoattack",
+            "AutoAttack standard's budget: APGD-CE 100 steps, APGD-T 9 targets x 100 steps, FMN in place "
+            "of FAB-T (9 x 100 steps), Square 5,000 queries",
+            (
+                SuiteAttack("robustkit:apgd", {"loss": "ce", "steps": 100}),
+                SuiteAttack("robustkit:apgd-t", {"steps": 100, "n_target_classes": 9}),
+                SuiteAttack("robustkit:fmn", {"steps": 900}),
+                SuiteAttack("robustkit:square", {"queries": 5000}),
+            ),
+        ),
+        Suite(
+            "quick",
+            "FGSM and APGD-CE with 20 steps: a first look",
+            (SuiteAttack("robustkit:fgsm"), SuiteAttack("robustkit:apgd", {"loss": "ce", "steps": 20})),
+            caveat="quick suite: a first look, not a robustness claim (use --suite default)",
+        ),
+    )
+}
+
+
+def get_suite(name: str) -> Suite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        known = ", ".join(SUITES)
+        raise RobustkitError(f"unknown suite {name!r}; known: {known} (see `robustkit suites list`)") from None
