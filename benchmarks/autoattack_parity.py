@@ -29,6 +29,8 @@ from robustkit.data import load_digits
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 
+#: linf radii: 8/255 scaled to this synthetic data (plain nets at 2/255, FGSM-RS-trained at 4/255),
+#: and the digits' usual 0.1
 EPS = {"cifar": 8 / 255, "digits": 0.1}
 
 
@@ -66,14 +68,14 @@ class ScaledLogits(nn.Module):
 
 
 def synthetic_cifar(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """10 classes of smooth colour templates under noise, shifts and contrast changes: learnable,
-    not separable by a margin of 8/255 without training for it."""
+    """10 classes of faint smooth colour templates under strong noise, shifts and contrast
+    changes: a plainly trained net reaches about 90% clean accuracy and is far from robust."""
     g = torch.Generator().manual_seed(1234)  # the templates are fixed; ``seed`` draws the samples
     templates = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear", align_corners=False)
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 10, (n,), generator=g)
-    contrast = 0.4 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
-    x = 0.5 + contrast * (templates[y] - 0.5) + 0.12 * torch.randn(n, 3, 32, 32, generator=g)
+    contrast = 0.35 * (0.4 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))
+    x = 0.5 + contrast * (templates[y] - 0.5) + 0.4 * torch.randn(n, 3, 32, 32, generator=g)
     shifts = torch.randint(-3, 4, (n, 2), generator=g)
     x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), dims=(1, 2)) for xi, s in zip(x, shifts)])
     return x.clamp(0, 1), y
@@ -116,13 +118,13 @@ def models(n: int) -> dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor, fl
             torch.manual_seed(0)
             x, y = synthetic_cifar(4000, seed=1)
             cache[key] = train(cifar_resnet(), x, y, epochs=4 if adversarial else 3,
-                               adversarial_eps=EPS["cifar"] if adversarial else 0.0)
+                               adversarial_eps=EPS["cifar"] / 2 if adversarial else 0.0)
         return cache[key]
 
     x_test, y_test = synthetic_cifar(n, seed=2)
     digits = load_digits()
     builders["cifar-plain"] = lambda: (cifar(False), x_test, y_test, EPS["cifar"] / 4)
-    builders["cifar-fgsm-rs"] = lambda: (cifar(True), x_test, y_test, EPS["cifar"])
+    builders["cifar-fgsm-rs"] = lambda: (cifar(True), x_test, y_test, EPS["cifar"] / 2)
     builders["cifar-plain-logits-x1000"] = lambda: (ScaledLogits(cifar(False), 1000.0).eval(), x_test, y_test,
                                                     EPS["cifar"] / 4)
     builders["digits-cnn"] = lambda: (trained_digits_model("cnn"), digits.x[:n], digits.y[:n], EPS["digits"])

@@ -4,6 +4,7 @@ about it: what it receives, what it returns, when it is called and what happens 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from robustkit import Dataset, Defence, DefenceResult, Exporter, ExportResult, LoadedModel, ReportSection
@@ -29,6 +31,7 @@ from robustkit.modules import Model
 from robustkit.params import param
 from robustkit.plugin.hookspecs import hookimpl
 from robustkit.plugin.host import Host, PluginRecord
+from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 
 Register = Callable[..., PluginRecord]
@@ -228,15 +231,18 @@ def test_hook_robustkit_report_sections(host: Host, register_plugin: Register, t
 
     for plugin, name in ((Sections(), "sections"), (Silent(), "silent"), (Crashing(), "crashing")):
         register_plugin(plugin, name)
-    config = AuditConfig("builtin:digits-cnn", attacks=("fgsm",), eps=(0.1,), limit=8, run_checks=False, out=tmp_path)
+    weights = tmp_path / "cnn.safetensors"  # a trained model: an untrained one is at chance and not attacked
+    save_file(trained_digits_model("cnn").state_dict(), str(weights))
+    config = AuditConfig(str(weights), load=LoadOptions(arch="builtin:digits-cnn"), attacks=("fgsm",), eps=(0.1,),
+                         limit=8, run_checks=False, out=tmp_path / "report")
     with caplog.at_level(logging.WARNING, logger="robustkit.plugin.host"):
         report = run_audit(config)
     assert report["sections"] == [{"title": "Deployment", "markdown": "audited 8 samples", "plugin": "sections"}]
     assert "plugin 'crashing' failed in robustkit_report_sections: KeyError: 'model'" in caplog.text
-    assert "## Deployment\n\naudited 8 samples" in (tmp_path / "report.md").read_text()
+    assert "## Deployment\n\naudited 8 samples" in (tmp_path / "report" / "report.md").read_text()
     host.strict = True  # ROBUSTKIT_STRICT_PLUGINS=1: the crash propagates
     with pytest.raises(KeyError):
-        run_audit(AuditConfig("builtin:digits-cnn", attacks=("fgsm",), eps=(0.1,), limit=8, run_checks=False))
+        run_audit(dataclasses.replace(config, out=None))
 
 
 def test_hook_robustkit_register_commands(host: Host, register_plugin: Register,
