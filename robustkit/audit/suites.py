@@ -52,18 +52,18 @@ SUITES: dict[str, Suite] = {
                 SuiteAttack("robustkit:fgsm"),
                 SuiteAttack("robustkit:apgd", {"loss": "ce", "steps": 50}),
                 SuiteAttack("robustkit:apgd-t", {"steps": 50, "n_target_classes": 3}),
-                SuiteAttack("robustkit:fmn", {"steps": 100}),
+                SuiteAttack("robustkit:fmn", {"steps": 100, "classes": 3}),
                 SuiteAttack("robustkit:square", {"queries": 1000}),
             ),
         ),
         Suite(
             "autoattack",
             "AutoAttack standard's budget: APGD-CE 100 steps, APGD-T 9 targets x 100 steps, FMN in place "
-            "of FAB-T (9 x 100 steps), Square 5,000 queries",
+            "of FAB-T with its budget (3 classes x 300 steps for FAB-T's 9 x 100), Square 5,000 queries",
             (
                 SuiteAttack("robustkit:apgd", {"loss": "ce", "steps": 100}),
                 SuiteAttack("robustkit:apgd-t", {"steps": 100, "n_target_classes": 9}),
-                SuiteAttack("robustkit:fmn", {"steps": 900}),
+                SuiteAttack("robustkit:fmn", {"steps": 300, "classes": 3}),
                 SuiteAttack("robustkit:square", {"queries": 5000}),
             ),
         ),
