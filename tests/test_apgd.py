@@ -168,24 +168,6 @@ def test_dlr_needs_enough_classes_and_apgdt_is_untargeted() -> None:
     assert not bool(threat.violations(x, result.x_adv).any())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_runs_on_cuda() -> None:
-    device = torch.device("cuda")
-    model = trained_digits_model("cnn")
-    data = load_digits()
-    x, y = data.x[:128], data.y[:128]
-    threat = ThreatModel(Norm.LINF, 0.1)
-    on_cpu = robust_accuracy(model, x, y, ours(APGD(steps=20), model, x, y, threat), threat)
-    gpu_model = copy.deepcopy(model).to(device)
-    for attack in (APGD(steps=20), APGD(steps=20, loss="dlr", precision="bf16"), APGDT(steps=10, n_target_classes=3)):
-        result = attack(gpu_model, x.to(device), y.to(device), threat=threat)
-        assert result.x_adv.device.type == "cuda"
-        accuracy = robust_accuracy(gpu_model, x.to(device), y.to(device), result.x_adv, threat)
-        assert accuracy <= on_cpu + 0.03, (attack, accuracy, on_cpu)
-        again = attack(gpu_model, x.to(device), y.to(device), threat=threat).x_adv
-        assert torch.equal(again, result.x_adv), attack
-
-
 # -- behaviour on the digits CNN ----------------------------------------------------------------
 def test_seed_fixes_the_result_and_the_global_rng_is_untouched(digits) -> None:
     model, x, y = digits
