@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from robustkit.audit.run import AuditConfig, run_audit
+from robustkit import AuditConfig, run_audit
 from robustkit.data import load_dataset
 from robustkit.models.base import LoadOptions
 from robustkit.models.loading import load_model

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
+from robustkit import ExportConfig, run_export
 from robustkit.data import load_dataset
-from robustkit.export.run import METADATA_KEY, ExportConfig, run_export
+from robustkit.export.run import METADATA_KEY
 from robustkit.models.base import LoadOptions
 
 log = logging.getLogger("export_model")

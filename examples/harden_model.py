@@ -4,7 +4,7 @@
     python examples/harden_model.py --defence pgd-at --epochs 5      # slower, stronger
     python examples/harden_model.py --epochs 2 --out /tmp/harden
 
-``harden(HardenRequest(...))`` is ``robustkit harden`` as a function. It audits the model with
+``robustkit.run_harden(HardenRequest(...))`` is ``robustkit harden`` as a function. It audits the model with
 PGD at the training eps before and after, trains with the defence (checkpoints every epoch,
 a robust-accuracy canary that keeps the best epoch and stops at catastrophic overfitting) and
 writes model.safetensors, config.json, train_log.jsonl, curves.png and summary.json to the
@@ -17,8 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from robustkit.harden.api import HardenRequest, harden
-from robustkit.harden.config import RunConfig
+from robustkit import HardenRequest, RunConfig, run_harden
 
 log = logging.getLogger("harden_model")
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run=RunConfig(device=args.device, out_dir=args.out, progress=False),
     )
     log.info("hardening builtin:digits-cnn with %s against linf %s", args.defence, args.eps)
-    summary = harden(request)
+    summary = run_harden(request)
 
     before, after = summary["before"], summary["after"]
     print(f"{summary['defence']} against {summary['threat']}, {summary['epochs_run']} epochs "

@@ -2,6 +2,11 @@
 
 The public API for users and plugin authors. Plugins should import only from here (and from
 ``robustkit.testing`` in their tests).
+
+The three jobs, as the CLI runs them:
+- ``run_audit(AuditConfig(model=...))``: the robustness report (a dict, as report.json);
+- ``run_harden(HardenRequest(model=..., data=..., defence=...))``: adversarial training;
+- ``run_export(ExportConfig(...))``: an ONNX (or other) file with its parity checks.
 """
 from __future__ import annotations
 
@@ -15,13 +20,15 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from robustkit.attacks.base import Attack, AttackResult
     from robustkit.audit.engine import Evaluation, NamedAttack, evaluate
+    from robustkit.audit.run import AuditConfig, run_audit
     from robustkit.data import Dataset, load_dataset
     from robustkit.errors import RobustkitError
-    from robustkit.export.run import Exporter, ExportResult
-    from robustkit.harden.base import Defence, DefenceResult
-    from robustkit.harden.config import TrainingParams
+    from robustkit.export.run import ExportConfig, Exporter, ExportResult, run_export
+    from robustkit.harden.api import HardenRequest, run_harden
+    from robustkit.harden.base import OWN_LOOP, Defence, DefenceResult, LoopSupport
+    from robustkit.harden.config import RunConfig, TrainingParams
     from robustkit.harden.defences import TrainingDefence
-    from robustkit.harden.engine import StepContext, adversarial_step
+    from robustkit.harden.step import StepContext, adversarial_step
     from robustkit.models.base import LoadedModel, LoadOptions
     from robustkit.models.loading import load_model
     from robustkit.modules import Model, Normalized, eval_mode
@@ -32,10 +39,19 @@ if TYPE_CHECKING:
     from robustkit.threat import Norm, ThreatModel
 
 _EXPORTS = {
+    "AuditConfig": "robustkit.audit.run",
+    "ExportConfig": "robustkit.export.run",
+    "HardenRequest": "robustkit.harden.api",
+    "run_audit": "robustkit.audit.run",
+    "run_export": "robustkit.export.run",
+    "run_harden": "robustkit.harden.api",
     "Attack": "robustkit.attacks.base",
     "AttackResult": "robustkit.attacks.base",
     "Dataset": "robustkit.data",
     "Defence": "robustkit.harden.base",
+    "LoopSupport": "robustkit.harden.base",
+    "OWN_LOOP": "robustkit.harden.base",
+    "RunConfig": "robustkit.harden.config",
     "DefenceResult": "robustkit.harden.base",
     "Evaluation": "robustkit.audit.engine",
     "ExportResult": "robustkit.export.run",
@@ -51,11 +67,11 @@ _EXPORTS = {
     "ProviderRegistry": "robustkit.plugin.registry",
     "ReportSection": "robustkit.plugin.hookspecs",
     "RobustkitError": "robustkit.errors",
-    "StepContext": "robustkit.harden.engine",
+    "StepContext": "robustkit.harden.step",
     "ThreatModel": "robustkit.threat",
     "TrainingDefence": "robustkit.harden.defences",
     "TrainingParams": "robustkit.harden.config",
-    "adversarial_step": "robustkit.harden.engine",
+    "adversarial_step": "robustkit.harden.step",
     "eval_mode": "robustkit.modules",
     "evaluate": "robustkit.audit.engine",
     "get_host": "robustkit.plugin.host",
@@ -66,11 +82,47 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Attack", "AttackResult", "Dataset", "Defence", "DefenceResult", "Evaluation", "ExportResult",
-    "Exporter", "Host", "LoadOptions", "LoadedModel", "Model", "NamedAttack", "NoParams", "Norm",
-    "Normalized", "ProviderRegistry", "ReportSection", "RobustkitError", "StepContext", "ThreatModel",
-    "TrainingDefence", "TrainingParams", "__version__", "adversarial_step", "eval_mode", "evaluate",
-    "get_host", "hookimpl", "load_dataset", "load_model", "param",
+    "OWN_LOOP",
+    "Attack",
+    "AttackResult",
+    "AuditConfig",
+    "Dataset",
+    "Defence",
+    "DefenceResult",
+    "Evaluation",
+    "ExportConfig",
+    "ExportResult",
+    "Exporter",
+    "HardenRequest",
+    "Host",
+    "LoadOptions",
+    "LoadedModel",
+    "LoopSupport",
+    "Model",
+    "NamedAttack",
+    "NoParams",
+    "Norm",
+    "Normalized",
+    "ProviderRegistry",
+    "ReportSection",
+    "RobustkitError",
+    "RunConfig",
+    "StepContext",
+    "ThreatModel",
+    "TrainingDefence",
+    "TrainingParams",
+    "__version__",
+    "adversarial_step",
+    "eval_mode",
+    "evaluate",
+    "get_host",
+    "hookimpl",
+    "load_dataset",
+    "load_model",
+    "param",
+    "run_audit",
+    "run_export",
+    "run_harden",
 ]
 
 

@@ -65,6 +65,15 @@ class Dataset:
                 )
         return self
 
+    def training_split(self) -> tuple[Tensor, Tensor]:
+        """``(x_train, y_train)``, or a ``DataError`` naming the fix when there is none."""
+        if self.x_train is None or self.y_train is None:
+            raise DataError(
+                f"data {self.name!r} has no training split; give an .npz with x_train and y_train "
+                "(and x, y for the evaluation)"
+            )
+        return self.x_train, self.y_train
+
 
 def tensors_sha256(*tensors: Tensor) -> str:
     digest = hashlib.sha256()

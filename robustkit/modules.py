@@ -80,7 +80,7 @@ _CHANNELS_LAST_OK: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], bo
 def fast_layout(model: Any, x: Tensor) -> Iterator[Tensor]:
     """Run a CPU conv net in channels-last while inside; yields ``x`` in that layout.
 
-    oneDNN's CPU convolutions and pooling are 1.2-2x faster in NHWC, and the whole network
+    oneDNN's CPU convolutions and pooling are faster in NHWC (docs/performance.md); the whole network
     switches only when the convolution weights do (a 1-channel input cannot carry the layout
     by itself). The 4-D weights are swapped for channels-last copies while inside and the
     original tensors put back after, so the caller's model is left exactly as it was (an

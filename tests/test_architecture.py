@@ -20,7 +20,9 @@ PACKAGE = Path(robustkit.__file__).parent
 
 #: Layer of each top-level room; a module may import its own layer and those below.
 LAYERS = {
-    **dict.fromkeys(("errors", "threat", "params", "console", "distributed", "modules", "io", "environment"), 0),
+    **dict.fromkeys(
+        ("errors", "threat", "params", "console", "distributed", "modules", "io", "environment", "precision"), 0
+    ),
     "plugin": 1,
     **dict.fromkeys(("data", "attacks", "models", "train"), 2),
     "audit": 3,

@@ -25,19 +25,12 @@ from robustkit.distributed import DistContext
 from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden.base import DefenceResult
+from robustkit.harden.batches import Batches, validation_split
+from robustkit.harden.canary import RunState, canary, judge_epoch
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.defences import ATTA, FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
-from robustkit.harden.engine import (
-    Batches,
-    RunState,
-    Step,
-    StepContext,
-    TrainingInterrupted,
-    canary,
-    judge_epoch,
-    lr_factor,
-    validation_split,
-)
+from robustkit.harden.loop import TrainingInterrupted, lr_factor
+from robustkit.harden.step import Step, StepContext
 from robustkit.models.zoo import digits_cnn
 from robustkit.testing import trained_digits_model
 from robustkit.threat import Norm, ThreatModel
@@ -243,7 +236,7 @@ class _ExamplesGoStale(FGSMRS):
         adversarial, clean = super().make_step(ctx), Standard().make_step(ctx)
 
         def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            return (adversarial if ctx.scheduler.last_epoch < self.switch else clean)(x, y)
+            return (adversarial if ctx.optimization.scheduler.last_epoch < self.switch else clean)(x, y)
 
         return step
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from robustkit import Dataset, Defence, DefenceResult, Exporter, ExportResult, LoadedModel, ReportSection
+from robustkit import Dataset, Defence, DefenceResult, Exporter, ExportResult, LoadedModel, ReportSection, RunConfig
 from robustkit.attacks.base import Attack
 from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.cli import cli
@@ -89,7 +89,8 @@ class Scale(Defence):
     kind = "transform"
     Params = ScaleParams
 
-    def apply(self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel) -> DefenceResult:
+    def apply(self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel,
+              run: RunConfig | None = None) -> DefenceResult:
         factor = self.params.factor
 
         class Scaled(nn.Module):

@@ -35,9 +35,6 @@ from torch import Tensor
 
 from robustkit.attacks.base import Attack, is_success
 from robustkit.attacks.native import (
-    _AUTOCAST_DTYPES,
-    _FP16_LOSS_SCALE,
-    Precision,
     _confirmed_in_fp32,
     _generator,
     ascent_step,
@@ -48,6 +45,7 @@ from robustkit.attacks.native import (
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model
 from robustkit.params import param
+from robustkit.precision import Precision, autocast, input_gradient
 from robustkit.threat import Norm, ThreatModel
 
 APGDLoss = Literal["ce", "dlr"]
@@ -370,17 +368,10 @@ def _evaluate(
     """Per-sample objective at ``x``, the fp32 logits, and the gradient of the summed objective
     with respect to ``x`` when ``need_grad`` (summed, so a sample's gradient does not shrink
     with the batch; the loss is always computed in fp32)."""
-    dtype = _AUTOCAST_DTYPES.get(precision)
-    x = x.detach().requires_grad_(need_grad)
-    with torch.set_grad_enabled(need_grad):
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        logits32 = logits.float()
-        values = objective(logits32, goal, label)
-        if not need_grad:
-            return values.detach(), logits32.detach(), None
-        total = values.sum()
-        if precision == "fp16":  # direction and sign are scale-free; this keeps small gradients alive
-            total = total * _FP16_LOSS_SCALE
-        (grad,) = torch.autograd.grad(total, x)
-    return values.detach(), logits32.detach(), grad
+    if need_grad:
+        grad, values, logits = input_gradient(model, x, lambda z: objective(z, goal, label), precision)
+        return values, logits, grad
+    with torch.no_grad(), autocast(x.device.type, precision):
+        logits = model(x)
+    logits32 = logits.float()
+    return objective(logits32, goal, label), logits32, None

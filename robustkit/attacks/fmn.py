@@ -22,19 +22,16 @@ better here. The norm keeps shrinking while the iterate stays adversarial, so th
 early stop: every sample correctly classified at the start runs all the steps; the others
 are at distance 0 and are not attacked.
 
-Departures from the reference code, each measured on the digits CNN (PGD and torchattacks'
-FAB for comparison):
+Departures from the reference code, each measured on the digits CNN against PGD and
+torchattacks' FAB (the figures are in docs/performance.md):
 
 - the l2 projection is the exact projection onto the ball *intersected with* the bounds, not
-  a scaling followed by a clip (see ``_project``): with the clip, the search stalled before
-  its first adversarial on a third of the digits and robust accuracy at l2 1.0 read 71%
-  where PGD reads 6%;
+  a scaling followed by a clip (see ``_project``): with the clip, the search stalls before
+  its first adversarial on many samples;
 - the untargeted search follows the logit difference to the runner-up class, so it settles on
-  that class's boundary even when another class's is closer: on ~17% of the digits its
-  distance was >10% above FAB's, always with the runner-up where FAB had found the 3rd to
-  9th class. ``classes=k`` adds targeted searches at the next k-1 likeliest classes (at the
-  clean input) and keeps each sample's smallest distance, as FAB-T and APGD-T do; with k=3
-  FMN matched or beat FAB at every eps tried (k=1 is the paper's attack);
+  that class's boundary even when another class's is closer. ``classes=k`` adds targeted
+  searches at the next k-1 likeliest classes (at the clean input) and keeps each sample's
+  smallest distance, as FAB-T and APGD-T do (k=1 is the paper's attack);
 - an iterate counts as an answer only with a small logit margin (``_MARGIN``), so that the
   example stays adversarial when someone else judges it.
 """
@@ -49,15 +46,14 @@ from torch import Tensor
 
 from robustkit.attacks.base import Attack, is_success
 from robustkit.attacks.native import (
-    _FP16_LOSS_SCALE,
-    Precision,
-    input_gradient,
+    loss_gradient,
     margin_loss,
     warn_slow_precision,
 )
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model, eval_mode, predict_logits
 from robustkit.params import param
+from robustkit.precision import Precision
 from robustkit.threat import TOLERANCE, Norm, ThreatModel, per_sample_norm
 
 StartingPoints = Literal["none", "noise"]
@@ -267,9 +263,8 @@ def _fmn(
     for step in range(p.steps):
         alpha = _cosine(p.alpha_init, p.alpha_last, step, p.steps) * span
         gamma = _cosine(p.gamma_init, p.gamma_final, step, p.steps)
-        grad, logits = input_gradient(model, x_adv, aim, targeted=aim_targeted, loss="margin", precision=p.precision)
-        if p.precision == "fp16":
-            grad = grad / _FP16_LOSS_SCALE  # the boundary estimate needs the true gradient scale
+        # true scale (the boundary estimate divides by the gradient's norm)
+        grad, logits = loss_gradient(model, x_adv, aim, targeted=aim_targeted, loss="margin", precision=p.precision)
         objective = margin_loss(logits, aim)  # > 0 once misclassified
         if aim_targeted:
             objective = -objective  # > 0 once on target

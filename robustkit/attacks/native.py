@@ -19,15 +19,10 @@ from torch import Tensor
 from robustkit.attacks.base import Attack, is_success
 from robustkit.modules import Model
 from robustkit.params import param
+from robustkit.precision import Precision, input_gradient
 from robustkit.threat import Norm, ThreatModel
 
-Precision = Literal["fp32", "bf16", "fp16"]
 LossName = Literal["ce", "margin"]
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: fp16 gradients of a summed loss can underflow; linf steps use only the sign and l2 steps
-#: only the direction, so a constant scale is harmless and keeps small gradients alive.
-_FP16_LOSS_SCALE = 1024.0
 
 
 def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -38,37 +33,32 @@ def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def warn_slow_precision(device: torch.device, precision: Precision) -> None:
-    """bf16 on a CPU without bf16 instructions runs reference kernels, ~10x slower than fp32."""
+    """bf16 on a CPU without bf16 instructions runs reference kernels, far slower than fp32
+    (docs/performance.md)."""
     if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # warnings.warn shows this once per call site, not once per batch.
         warnings.warn("precision bf16 on a CPU without bf16 instructions is slower than fp32; use fp32 here",
                       RuntimeWarning, stacklevel=3)
 
 
-def input_gradient(
+def loss_gradient(
     model: Model, x: Tensor, labels: Tensor, *, targeted: bool, loss: LossName, precision: Precision
 ) -> tuple[Tensor, Tensor]:
-    """Gradient of the attack objective with respect to ``x`` and the logits at ``x``.
+    """Gradient of the attack objective with respect to ``x`` and the fp32 logits at ``x``.
 
-    The objective increases as the attack makes progress: the loss for untargeted attacks,
-    minus the loss towards the target for targeted ones.
+    The objective increases as the attack makes progress: the summed loss for untargeted
+    attacks (summed, so a sample's gradient does not shrink with the batch), minus the loss
+    towards the target for targeted ones.
     """
-    x = x.detach().requires_grad_(True)
-    dtype = _AUTOCAST_DTYPES.get(precision)
-    with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(x)
-    logits32 = logits.float()
-    with torch.enable_grad():
+    sign = -1.0 if targeted else 1.0
+
+    def objective(logits: Tensor) -> Tensor:
         if loss == "ce":
-            objective = F.cross_entropy(logits32, labels, reduction="sum")
-        else:
-            objective = margin_loss(logits32, labels).sum()
-        if targeted:
-            objective = -objective
-        if precision == "fp16":
-            objective = objective * _FP16_LOSS_SCALE
-        (grad,) = torch.autograd.grad(objective, x)
-    return grad, logits32.detach()
+            return sign * F.cross_entropy(logits, labels, reduction="sum")
+        return sign * margin_loss(logits, labels).sum()
+
+    grad, _, logits = input_gradient(model, x, objective, precision)
+    return grad, logits
 
 
 def ascent_step(grad: Tensor, norm: Norm, size: float) -> Tensor:
@@ -115,7 +105,7 @@ class FGSM(Attack):
     def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
         p: FGSMParams = self.params
         warn_slow_precision(x.device, p.precision)
-        grad, _ = input_gradient(model, x, labels, targeted=threat.targeted, loss=p.loss, precision=p.precision)
+        grad, _ = loss_gradient(model, x, labels, targeted=threat.targeted, loss=p.loss, precision=p.precision)
         return x + ascent_step(grad, threat.norm, threat.eps)
 
 
@@ -173,7 +163,7 @@ class PGD(Attack):
         if p.last_iterate:  # Madry's maximiser: no success bookkeeping, no host syncs
             x_adv = random_start(x, threat, generator) if p.random_start else x.clone()
             for _ in range(p.steps):
-                grad, _ = input_gradient(model, x_adv, labels, targeted=threat.targeted, loss=p.loss,
+                grad, _ = loss_gradient(model, x_adv, labels, targeted=threat.targeted, loss=p.loss,
                                          precision=p.precision)
                 x_adv = threat.project(x, x_adv + ascent_step(grad, threat.norm, step_size))
             return x_adv
@@ -186,7 +176,7 @@ class PGD(Attack):
             x0, target = x[active], labels[active]
             x_adv = random_start(x0, threat, generator) if p.random_start else x0.clone()
             for _ in range(p.steps):
-                grad, logits = input_gradient(
+                grad, logits = loss_gradient(
                     model, x_adv, target, targeted=threat.targeted, loss=p.loss, precision=p.precision
                 )
                 hit = is_success(logits, target, threat.targeted) & ~fooled[active]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.data import load_dataset
 from robustkit.export.run import ExportConfig, run_export
-from robustkit.harden.api import HardenRequest, harden
+from robustkit.harden.api import HardenRequest, run_harden
 from robustkit.harden.config import RunConfig
 from robustkit.models.base import LoadOptions
 from robustkit.models.loading import load_model
@@ -50,7 +50,7 @@ def run_demo(*, out: Path = Path("robustkit-demo"), epochs: int = 8, seed: int =
     # Harden a fresh digits-cnn with atta (PGD-AT's robustness at the cost of one FGSM step per
     # batch), then ship that model: the deployable copy is verified against torch with
     # onnxruntime, its robustness inside.
-    hardened = harden(HardenRequest(
+    hardened = run_harden(HardenRequest(
         model="builtin:digits-cnn", data="builtin:digits", defence="atta", threat="linf", eps=HARDEN_EPS,
         options={"epochs": epochs, "seed": seed}, run=RunConfig(out_dir=out / "harden", progress=False),
     ))

@@ -138,9 +138,7 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
 @click.pass_context
 def harden(ctx: click.Context, **values: Any) -> None:
     """Adversarially train MODEL (a built-in architecture or your weights) to resist attacks."""
-    from robustkit.harden.api import HardenRequest
-    from robustkit.harden.api import harden as run_harden
-    from robustkit.harden.config import RunConfig
+    from robustkit import HardenRequest, RunConfig, run_harden
 
     config = read_config(values["config_file"]) if values["config_file"] else {}
 

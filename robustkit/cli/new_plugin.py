@@ -258,7 +258,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from robustkit import Dataset, Defence, DefenceResult, ThreatModel, param
+from robustkit import Dataset, Defence, DefenceResult, RunConfig, ThreatModel, param
 from torch import Tensor, nn
 
 
@@ -295,7 +295,7 @@ class ${cls}(Defence):
     summary = "box-blur the inputs before the model"
 
     def apply(self, model: nn.Module, data: Dataset | None, *,
-              threat: ThreatModel) -> DefenceResult:
+              threat: ThreatModel, run: RunConfig | None = None) -> DefenceResult:
         size = self.params.size
         return DefenceResult(Blurred(model, size),
                              notes=[f"inputs are box-blurred ({size}x{size}) before the model"])

@@ -31,8 +31,7 @@ from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import RunConfig
-from robustkit.harden.defences import TrainingDefence
-from robustkit.harden.engine import LOG_FILENAME, resolve_device
+from robustkit.harden.loop import LOG_FILENAME, resolve_device
 from robustkit.io import atomic_write
 from robustkit.models.base import LoadOptions
 from robustkit.models.loading import check_model_output, load_model
@@ -104,6 +103,20 @@ def resolve_defence(request: HardenRequest) -> tuple[str, Defence]:
             )
         options["attack"] = request.attack
     return entry.qualified_name, cls(coerce(cls.Params, options, owner=entry.qualified_name))
+
+
+def _check_loop(name: str, defence: Defence, run: RunConfig, world: DistContext) -> None:
+    """Refuse what the defence's training loop cannot do, and say what it goes without, before
+    any work starts (a library's own loop, such as ART's trainers)."""
+    refused = defence.loop.refusals(run, world.world_size)
+    if refused:
+        raise RobustkitError(
+            f"defence {name!r} trains in its own loop, which cannot honour {', '.join(refused)}; "
+            "drop them, or pick one of robustkit's defences (see `robustkit defences list`)"
+        )
+    missing = defence.loop.missing()
+    if missing and world.is_main:
+        log.warning("defence %s trains in its own loop: %s", name, "; ".join(missing))
 
 
 def audit(
@@ -207,7 +220,7 @@ def resolved_config(
     }
 
 
-def harden(request: HardenRequest) -> dict[str, Any]:
+def run_harden(request: HardenRequest) -> dict[str, Any]:
     """Run ``robustkit harden``; returns the summary document (also written as summary.json).
 
     Under torchrun every rank returns only after rank 0 has written the outputs, with the
@@ -229,14 +242,10 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
         )
     defence_name, defence = resolve_defence(request)
     data = load_dataset(request.data)
-    if data.x_train is None or data.y_train is None:
-        raise RobustkitError(
-            f"data {request.data!r} has no training split; give an .npz with x_train and y_train "
-            "(and x, y for the evaluation)"
-        )
+    data.training_split()  # before the model loads and the "before" audit runs
     threat = resolve_threat(request.threat, request.eps, data.bounds)
-    if isinstance(defence, TrainingDefence):
-        defence.check(threat)
+    defence.check(threat)
+    _check_loop(defence_name, defence, run, world)
     device = resolve_device(run.device, world)
     with seeded(getattr(defence.params, "seed", 0), device):  # fresh built-in weights are seeded
         loaded = load_model(
@@ -257,15 +266,13 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
         atomic_write(out / "config.json", config)
 
     before = audit(model, data, threat, world, device)
-    if isinstance(defence, TrainingDefence):
-        result = defence.apply(model, data, threat=threat, run=run)
-    else:  # a third-party training defence: checkpoints and canary are its own business
-        result = defence.apply(model, data, threat=threat)
+    result = defence.apply(model, data, threat=threat, run=run)
     after = audit(result.model, data, threat, world, device)
     summary = _summary(request, defence_name, defence, threat, data, result, before, after, world)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if world.is_main:
-        atomic_write(out / "config.json", config)
+        if run.resume:
+            atomic_write(out / "config.json", config)
         _write_outputs(out, request, result, summary, defence_name, threat)
     return summary
 
@@ -297,7 +304,7 @@ def _summary(
         "best_epoch": best[-1] if best else None,
         "stop_reason": history[-1].get("stop") if history else None,
         "overfit_epochs": [r["epoch"] for r in history if r.get("overfit")],
-        "notes": result.notes,
+        "notes": [f"trained in its own loop: {gap}" for gap in defence.loop.missing()] + result.notes,
         "precision": request.run.precision,
         "world_size": world.world_size,
         "outputs": {name: str(out / file) for name, file in _output_files(defence, history)},
@@ -305,9 +312,9 @@ def _summary(
 
 
 def _output_files(defence: Defence, history: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The files a run leaves: the engine's log and checkpoint only for engine defences."""
+    """The files a run leaves: the log and checkpoint only from a loop that writes them."""
     files = [("model", "model.safetensors"), ("config", "config.json"), ("summary", "summary.json")]
-    if isinstance(defence, TrainingDefence):
+    if defence.loop.checkpoints:
         files += [("log", LOG_FILENAME), ("checkpoint", checkpoint.FILENAME)]
     if history:
         files.append(("plot", "curves.png"))

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from robustkit.params import param
+from robustkit.precision import Precision
 
-Precision = Literal["fp32", "bf16", "fp16"]
 Placement = Literal["auto", "device", "loader"]
 
 
@@ -31,9 +31,8 @@ class TrainingParams:
     )
     optimizer: Literal["adam", "sgd"] = param("adam", "adam, or sgd with momentum 0.9 (nesterov)")
     weight_decay: float = param(0.0, "L2 penalty of the optimizer")
-    # One cycle for every defence, as fast adversarial training (Wong et al., 2020) uses it: on
-    # builtin:digits (3 seeds, 15 epochs) it lifts PGD-20 robust accuracy over a constant 3e-3
-    # for pgd-at (55.7% -> 59.3%), trades (59.4% -> 65.4%) and free (41.9% -> 47.2%).
+    # One cycle for every defence, as fast adversarial training (Wong et al., 2020) uses it: it
+    # beat a constant rate for pgd-at, trades and free on builtin:digits (docs/performance.md).
     schedule: Literal["constant", "cyclic", "cosine"] = param(
         "cyclic", "learning rate over the run: cyclic (0 -> lr at 2/5 of the run -> 0), cosine decay or constant"
     )

@@ -1,5 +1,5 @@
 """The built-in training defences. Each is a ``Params`` dataclass and a *step*; the shared
-engine (``robustkit.harden.engine``) does everything else.
+loop (``robustkit.harden.loop``) does everything else.
 
 Cost per batch, in forward-backward passes: plain training 1; ``fgsm-rs`` and ``atta`` 2;
 ``free`` 1 per replay (so the same as plain training per pass over the data); ``pgd-at`` K+1
@@ -23,15 +23,17 @@ from robustkit.data import Dataset
 from robustkit.errors import RobustkitError
 from robustkit.harden import distributed as ddp
 from robustkit.harden.base import Defence, DefenceResult
-from robustkit.harden.config import Precision, RunConfig, TrainingParams
-from robustkit.harden.engine import Step, StepContext, adversarial_step, train
+from robustkit.harden.config import RunConfig, TrainingParams
+from robustkit.harden.loop import train
+from robustkit.harden.step import Step, StepContext, adversarial_step
 from robustkit.modules import eval_mode
 from robustkit.params import coerce, param
+from robustkit.precision import Precision
 from robustkit.threat import Norm, ThreatModel
 
 
 class TrainingDefence(Defence):
-    """A defence that trains: ``make_step`` says how one batch is used, the engine does the rest."""
+    """A defence that trains: ``make_step`` says how one batch is used, the loop does the rest."""
 
     kind = "training"
     Params: ClassVar[type] = TrainingParams
@@ -41,7 +43,7 @@ class TrainingDefence(Defence):
 
     @property
     def replays(self) -> int:
-        """Optimizer steps taken per batch; the engine runs ceil(epochs / replays) rounds."""
+        """Optimizer steps taken per batch; the loop runs ceil(epochs / replays) rounds."""
         return 1
 
     def check(self, threat: ThreatModel) -> None:
@@ -74,7 +76,7 @@ class Standard(TrainingDefence):
     """Plain training on clean inputs: the baseline the defences are measured against.
 
     Not registered (it is no defence); benchmarks and tests use it so that the baseline runs
-    through the same engine, with the same data path, canary and overheads.
+    through the same loop, with the same data path, canary and overheads.
     """
 
     name = "standard"
@@ -176,7 +178,7 @@ class FGSMRS(TrainingDefence):
     point of the ball, with a cyclic learning rate. Crafted in eval mode, like PGD-AT.
 
     It costs two forward-backward passes per batch; its known failure, catastrophic
-    overfitting, is what the engine's canary watches for.
+    overfitting, is what the loop's canary watches for.
     """
 
     name = "fgsm-rs"
@@ -233,7 +235,7 @@ class ATTA(TrainingDefence):
         threat = ctx.threat
 
         def perturb(x: Tensor, y: Tensor) -> Tensor:
-            assert ctx.batch_index is not None, "the engine sets batch_index before each step"
+            assert ctx.batch_index is not None, "the loop sets batch_index before each step"
             home = ctx.batch_index.device  # where the training data lives
             store = ctx.carry.get("perturbation")
             if store is None or store.shape[1:] != x.shape[1:]:

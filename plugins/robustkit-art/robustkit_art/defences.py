@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from robustkit import Dataset, Defence, DefenceResult, Model, RobustkitError, ThreatModel
+from robustkit import Dataset, Defence, DefenceResult, Model, RobustkitError, RunConfig, ThreatModel
 from robustkit.params import param
 
 
@@ -62,7 +62,7 @@ class ArtTransform(Defence):
     fixed: ClassVar[dict[str, Any]] = {}  #: ART keywords that robustkit's convention fixes
 
     def apply(
-        self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel
+        self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel, run: RunConfig | None = None
     ) -> DefenceResult:
         from art.defences import preprocessor
 

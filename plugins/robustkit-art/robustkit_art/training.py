@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustkit import Dataset, Defence, DefenceResult, Norm, RobustkitError, ThreatModel
+from robustkit import OWN_LOOP, Dataset, Defence, DefenceResult, Norm, RobustkitError, RunConfig, ThreatModel
 from robustkit.params import param
 from robustkit_art.attacks import (
     ART_NORMS,
@@ -63,6 +63,7 @@ class ArtTrainer(Defence):
     """The one adapter behind every ART adversarial trainer; subclasses build the trainer."""
 
     kind = "training"
+    loop = OWN_LOOP  # ART's trainer.fit runs the epochs: no canary, checkpoints or torchrun
     Params = TrainingParams
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF})
     art_class: ClassVar[str]  #: class name in ``art.defences.trainer``
@@ -86,10 +87,7 @@ class ArtTrainer(Defence):
             batch_size=p.batch_size, verbose=False,
         )
 
-    def apply(
-        self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel
-    ) -> DefenceResult:
-        p = self.params
+    def check(self, threat: ThreatModel) -> None:
         if threat.norm not in self.norms:
             supported = ", ".join(sorted(n.value for n in self.norms))
             raise RobustkitError(
@@ -98,6 +96,17 @@ class ArtTrainer(Defence):
             )
         if threat.targeted:
             raise RobustkitError(f"art:{self.name} trains against untargeted attacks; drop --targeted")
+
+    def apply(
+        self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel, run: RunConfig | None = None
+    ) -> DefenceResult:
+        """Train a copy on ``data.x_train`` in ART's loop; of ``run`` only the defaults are
+        supported (``loop`` says so, and ``robustkit harden`` refuses the rest)."""
+        p = self.params
+        self.check(threat)
+        refused = self.loop.refusals(run or RunConfig(), 1)
+        if refused:
+            raise RobustkitError(f"art:{self.name} trains in ART's own loop, which cannot honour {', '.join(refused)}")
         if not isinstance(model, nn.Module):
             raise RobustkitError(f"art:{self.name} trains torch models; this one has no weights")
         if data is None or data.x_train is None or data.y_train is None:

@@ -2,11 +2,16 @@
 the copy is more robust."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
 from robustkit_art.training import TRAINERS
 
 from robustkit import Defence, RobustkitError, ThreatModel
+from robustkit.cli import cli
 from robustkit.data import load_digits
 from robustkit.plugin.host import Host
 from robustkit.testing import trained_digits_model
@@ -69,3 +74,27 @@ def test_unsupported_setups_are_one_line_errors(host: Host) -> None:
         _trainer(host, "fbf").apply(model, data, threat=ThreatModel.parse("linf:0.1", targeted=True))
     with pytest.raises(RobustkitError, match="training split"):
         _trainer(host, "fbf").apply(model, None, threat=THREAT)
+
+
+def test_harden_refuses_what_arts_own_loop_cannot_do_before_it_starts(tmp_path: Path) -> None:
+    """One defence model: an ART trainer runs through `robustkit harden` like robustkit's own
+    defences, but its loop has no checkpoints, torchrun or reduced precision. The command
+    refuses those settings up front (nothing written), and a plain run says what it lacks."""
+    base = ["harden", "builtin:digits-cnn", "--defence", "art:fbf", "-o", "epochs", "1"]
+    for extra, named in ((["--precision", "bf16"], "--precision bf16"), (["--compile"], "--compile")):
+        out = tmp_path / named.strip("-").replace(" ", "_")
+        result = CliRunner().invoke(cli, [*base, *extra, "--out", str(out)])
+        assert result.exit_code != 0, result.output
+        assert "own loop" in result.output and named in result.output, result.output
+        assert not out.exists() or not any(out.iterdir())
+    out = tmp_path / "plain"
+    result = CliRunner().invoke(cli, [*base, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    gaps = [n for n in summary["notes"] if n.startswith("trained in its own loop")]
+    assert any("checkpoints" in n for n in gaps) and any("early stopping" in n for n in gaps), summary["notes"]
+    assert "checkpoint" not in summary["outputs"]
+    assert all(Path(path).is_file() for path in summary["outputs"].values())
+    # --resume has no checkpoint to continue: refused for what it is, not as a missing file
+    result = CliRunner().invoke(cli, [*base, "--out", str(out), "--resume"])
+    assert result.exit_code != 0 and "--resume" in result.output and "own loop" in result.output, result.output

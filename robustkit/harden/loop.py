@@ -1,16 +1,11 @@
-"""The training engine: one loop for every training defence.
+"""The training loop: one for every training defence.
 
-A defence contributes only its *step* (how a batch is perturbed and what loss is minimised);
-the engine owns everything else, once: the validation split, data placement and sharding,
-precision (bf16/fp16 autocast, a GradScaler for fp16), channels-last, ``torch.compile``, DDP,
-the learning-rate schedule, the robust-accuracy canary with catastrophic-overfitting
-detection and early stopping, the best weights, atomic checkpoints every epoch, ``--resume``,
-and Ctrl-C (SIGINT/SIGTERM finish the batch, write a checkpoint and stop).
-
-Examples are crafted through the *unwrapped* module (``ctx.craft``, never the DDP wrapper,
-whose forward would prepare a gradient all-reduce that crafting never runs) and, unless a
-defence documents otherwise, with every submodule in eval mode, so BatchNorm neither
-normalises a batch by the statistics of its own perturbation nor records them.
+A defence contributes only its *step* (``robustkit.harden.step``); the loop owns everything
+else, once: the validation split, data placement and sharding (``batches``), precision
+(bf16/fp16 autocast, a GradScaler for fp16), channels-last, ``torch.compile``, DDP, the
+learning-rate schedule, the robust-accuracy canary with catastrophic-overfitting detection and
+early stopping (``canary``), the best weights, atomic checkpoints every epoch, ``--resume``, and
+Ctrl-C (SIGINT/SIGTERM finish the batch, write a checkpoint and stop).
 """
 
 from __future__ import annotations
@@ -24,17 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from robustkit.attacks.native import PGD
 from robustkit.console import progress
 from robustkit.data import Dataset, tensors_sha256
 from robustkit.distributed import DistContext, init_distributed
@@ -42,41 +33,17 @@ from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden import distributed as ddp
 from robustkit.harden.base import DefenceResult
-from robustkit.harden.config import Precision, RunConfig, TrainingParams
+from robustkit.harden.batches import Batches, validation_split
+from robustkit.harden.canary import RunState, canary, judge_epoch
+from robustkit.harden.config import RunConfig, TrainingParams
+from robustkit.harden.step import LoopDefence, Optimization, StepContext
 from robustkit.io import atomic_write
-from robustkit.modules import eval_mode, predict_logits, seeded
+from robustkit.modules import seeded
 from robustkit.threat import ThreatModel
 
 log = logging.getLogger(__name__)
 
-#: A training step: (x, y) -> (loss, logits of the inputs it trained on), both detached.
-Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-#: A training loss: (model, x, x_adv, y) -> (loss, logits of x_adv), run under autocast.
-TrainLoss = Callable[[nn.Module, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-
 LOG_FILENAME = "train_log.jsonl"
-
-
-class TrainingDefence(Protocol):
-    """What the loop needs of a training defence (``robustkit.harden.defences.TrainingDefence``
-    is the base class that provides it): a name and params for the recipe, the validation
-    metric that picks the best epoch, replays per batch and the step."""
-
-    name: ClassVar[str]
-    monitor: ClassVar[str]
-    params: Any
-
-    @property
-    def replays(self) -> int: ...
-
-    def make_step(self, ctx: StepContext) -> Step: ...
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: fp16 input gradients of a summed loss can underflow; scaling by a power of two before the
-#: backward pass and dividing after is exact and keeps them alive.
-FP16_INPUT_SCALE = 1024.0
-#: Clean validation accuracy may dip this much while robust accuracy collapses and still count
-#: as "holding" (catastrophic overfitting, unlike divergence, leaves clean accuracy intact).
-CLEAN_SLACK = 0.02
 #: Under torchrun, ranks agree on a stop request every this many batches (one tiny all-reduce).
 STOP_SYNC_EVERY = 8
 
@@ -85,191 +52,6 @@ class TrainingInterrupted(RobustkitError):
     """Raised after Ctrl-C/SIGTERM once the checkpoint is on disk."""
 
 
-@dataclass
-class StepContext:
-    """What a defence's step may use; built by the engine for one run."""
-
-    model: nn.Module  #: the forward pass that trains (DDP-wrapped and/or compiled)
-    craft: nn.Module  #: the unwrapped module (compiled if asked): craft examples through this
-    threat: ThreatModel
-    device: torch.device
-    precision: Precision
-    generator: torch.Generator  #: random starts (on ``device``); checkpointed with the run
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    seed: int
-    world: DistContext
-    train_size: int  #: samples in the training split: per-sample state is indexed by position in it
-    carry: dict[str, Tensor] = field(default_factory=dict)  #: state kept across batches (checkpointed)
-    #: Positions in the training split of the batch being stepped on, on the device that holds
-    #: the training data (the training device when it fits there, else the host): per-sample
-    #: state belongs there too. Set by the engine before each step.
-    batch_index: Tensor | None = None
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        dtype = _AUTOCAST.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-    def update(self, loss: Tensor) -> float:
-        """One optimizer and schedule step on ``loss``.
-
-        Returns the factor by which the backward pass scaled every gradient (the GradScaler's
-        scale under fp16, else 1), so a step that also reads input gradients from this backward
-        pass (free training) can unscale them.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        scale = 1.0
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:
-            scale = self.scaler.get_scale()
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
-        return scale
-
-    def input_gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> Tensor:
-        """Gradient of ``objective(fp32 logits of craft(x))`` with respect to ``x``, in fp32.
-
-        Only the input gradient is computed (parameter ``.grad`` is untouched); under fp16 the
-        objective is scaled before the backward pass and the gradient unscaled after.
-        """
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            with self.autocast():
-                logits = self.craft(x)
-            value = objective(logits.float())
-            scaled = self.precision == "fp16"
-            (grad,) = torch.autograd.grad(value * FP16_INPUT_SCALE if scaled else value, x)
-        return grad / FP16_INPUT_SCALE if scaled else grad
-
-    def step_seed(self) -> int:
-        """A seed unique to this run, rank and optimizer step, restored exactly on resume."""
-        return hash((self.seed, self.world.rank, self.scheduler.last_epoch)) & 0x7FFF_FFFF
-
-
-def cross_entropy_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Madry's outer objective: cross-entropy at the adversarial examples only."""
-    logits = model(x_adv).float()
-    return F.cross_entropy(logits, y), logits
-
-
-def adversarial_step(
-    ctx: StepContext,
-    perturb: Callable[[Tensor, Tensor], Tensor],
-    loss: TrainLoss = cross_entropy_loss,
-) -> Step:
-    """The usual step: craft ``x_adv = perturb(x, y)``, then one update on ``loss``."""
-
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x_adv = perturb(x, y)
-        with ctx.autocast():
-            value, logits = loss(ctx.model, x, x_adv, y)
-        ctx.update(value)
-        return value.detach(), logits.detach()
-
-    return step
-
-
-# -- data ------------------------------------------------------------------------------------
-class _Pairs(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
-    """Indexed by a whole batch of indices, so a DataLoader worker gathers a batch at once."""
-
-    def __init__(self, x: Tensor, y: Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.x[index], self.y[index]
-
-
-class Batches:
-    """Shuffled (and, under torchrun, sharded) batches: on the device when the data fits there,
-    else gathered by DataLoader workers into pinned memory and copied asynchronously.
-
-    The order comes from a ``DistributedSampler`` seeded by the run, so it is a function of
-    (seed, epoch) alone and both placements yield the same batches.
-    """
-
-    def __init__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        *,
-        batch_size: int,
-        seed: int,
-        world: DistContext,
-        device: torch.device,
-        run: RunConfig,
-    ) -> None:
-        self.sampler: DistributedSampler[tuple[Tensor, ...]] = DistributedSampler(
-            TensorDataset(y),
-            num_replicas=world.world_size,
-            rank=world.rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=False,
-        )
-        self.batch_size, self.device, self.workers = batch_size, device, run.workers
-        self.memory_format = torch.channels_last if run.channels_last and x.dim() == 4 else torch.contiguous_format
-        self.on_device = run.placement == "device" or (run.placement == "auto" and _fits(x, device))
-        if self.on_device:
-            x, y = x.to(device).contiguous(memory_format=self.memory_format), y.to(device)
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """(x, y, positions in the split) of the batches of ``epoch`` from batch number ``start``
-        on (a resumed epoch skips some)."""
-        self.sampler.set_epoch(epoch)
-        chunks = torch.tensor(list(self.sampler), dtype=torch.int64).split(self.batch_size)[start:]
-        if self.on_device:
-            for index in chunks:
-                index = index.to(self.device, non_blocking=True)
-                yield self.x[index], self.y[index], index
-            return
-        loader = DataLoader(
-            _Pairs(self.x, self.y),
-            sampler=list(chunks),
-            batch_size=None,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        for (xb, yb), index in zip(loader, chunks):
-            yield (
-                xb.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
-                yb.to(self.device, non_blocking=True),
-                index,  # stays with the data, on the host
-            )
-
-
-def _fits(x: Tensor, device: torch.device) -> bool:
-    """On CPU the data is already in memory; on a GPU it fits if it takes under a quarter of the
-    free memory (the rest is for activations of the attack's forward-backward passes)."""
-    if device.type != "cuda":
-        return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return x.numel() * x.element_size() < free / 4
-
-
-def validation_split(x: Tensor, y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_val, y_val): a seeded random ``fraction`` held out for the canary."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(fraction * len(x)))
-    if n_val >= len(x):
-        raise RobustkitError(f"val_fraction {fraction:g} leaves no training samples out of {len(x)}")
-    val, train = order[:n_val], order[n_val:]
-    return x[train], y[train], x[val], y[val]
-
-
-# -- schedule, optimizer ---------------------------------------------------------------------
 def lr_factor(kind: str, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step t, evaluated at the middle of the step."""
 
@@ -294,98 +76,6 @@ def make_optimizer(params: TrainingParams, module: nn.Module) -> torch.optim.Opt
             weight_decay=params.weight_decay,
         )
     return torch.optim.Adam(module.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-
-
-# -- the canary ------------------------------------------------------------------------------
-def canary(
-    craft: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    threat: ThreatModel,
-    params: TrainingParams,
-    precision: Precision,
-    world: DistContext,
-    device: torch.device,
-) -> tuple[float, float]:
-    """(clean, robust) accuracy on the validation samples under a few-step PGD, over all ranks.
-
-    Same seed every epoch, so epochs are compared on the same random starts.
-    """
-    attack = PGD(steps=params.canary_steps, precision=precision, seed=params.seed)
-    mine = torch.arange(world.rank, len(x), world.world_size)
-    clean = robust = 0
-    with eval_mode(craft):
-        for index in mine.split(512):
-            xb, yb = x[index].to(device), y[index].to(device)
-            right = predict_logits(craft, xb).argmax(1) == yb
-            result = attack(craft, xb, yb, threat=threat)
-            clean += int(right.sum())
-            robust += int((right & ~result.success).sum())
-    clean_sum, robust_sum = ddp.sum_over_ranks([clean, robust], world)
-    return clean_sum / len(x), robust_sum / len(x)
-
-
-# -- run state -------------------------------------------------------------------------------
-@dataclass
-class RunState:
-    """Where a run is; all of it goes into the checkpoint."""
-
-    epoch: int = 0  #: epochs completed
-    batch: int = 0  #: batches completed inside the current epoch (after an interrupt)
-    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  #: loss, correct, n, s
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] | None = None  #: epoch, val_robust, val_clean, model (a CPU state dict)
-    stale: int = 0  #: epochs since the best one
-    stop_reason: str | None = None
-
-
-def judge_epoch(
-    state: RunState,
-    record: dict[str, Any],
-    params: TrainingParams,
-    monitor: str,
-    model_state: Callable[[], dict[str, Tensor]],
-) -> list[str]:
-    """Update best weights, staleness and the stop reason from one epoch's canary; returns notes.
-
-    The best epoch is the one with the highest ``monitor`` (``val_robust`` for defences; the
-    other accuracy breaks ties). Catastrophic overfitting: robust validation accuracy falls at
-    least ``overfit_drop`` below the best epoch's while clean accuracy holds (within
-    ``CLEAN_SLACK``) - the signature of a model that learned to mask single-step gradients,
-    not of divergence, where both fall.
-    """
-    other = "val_clean" if monitor == "val_robust" else "val_robust"
-    best = state.best
-    if best is None or (record[monitor], record[other]) > (best[monitor], best[other]):
-        state.best = {
-            "epoch": record["epoch"],
-            "val_robust": record["val_robust"],
-            "val_clean": record["val_clean"],
-            "model": model_state(),
-        }
-        state.stale = 0
-        record["best"] = True
-        return []
-    notes = []
-    state.stale += 1
-    robust, clean = record["val_robust"], record["val_clean"]
-    if best["val_robust"] - robust >= params.overfit_drop and clean >= best["val_clean"] - CLEAN_SLACK:
-        record["overfit"] = True
-        notes.append(
-            f"catastrophic overfitting at epoch {record['epoch']}: robust validation accuracy "
-            f"fell from {best['val_robust']:.1%} (epoch {best['epoch']}) to {robust:.1%} while "
-            f"clean accuracy held at {clean:.1%}; keeping the epoch-{best['epoch']} weights "
-            "(lower the step size or lr, use a random start, or use pgd-at)"
-        )
-        if params.stop_on_overfit:
-            state.stop_reason = "catastrophic overfitting"
-    if state.stop_reason is None and params.patience and state.stale >= params.patience:
-        state.stop_reason = "early stopping"
-        notes.append(
-            f"early stopping after epoch {record['epoch']}: no better {monitor.replace('_', ' ')} "
-            f"accuracy for {state.stale} epochs; keeping the epoch-{best['epoch']} weights"
-        )
-    return notes
 
 
 @contextmanager
@@ -426,7 +116,7 @@ def resolve_device(spec: str, world: DistContext) -> torch.device:
     return device
 
 
-def recipe(defence: TrainingDefence, threat: ThreatModel, x: Tensor, y: Tensor) -> dict[str, Any]:
+def recipe(defence: LoopDefence, threat: ThreatModel, x: Tensor, y: Tensor) -> dict[str, Any]:
     """What must match for ``--resume`` to continue the same run."""
     return {
         "defence": defence.name,
@@ -446,23 +136,18 @@ def _recipe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | 
     return None
 
 
-# -- the loop --------------------------------------------------------------------------------
 class Engine:
     """One hardening run of ``defence`` on ``model``; ``run()`` trains and returns the result."""
 
     def __init__(
         self,
-        defence: TrainingDefence,
+        defence: LoopDefence,
         model: nn.Module,
         data: Dataset,
         threat: ThreatModel,
         run: RunConfig,
     ) -> None:
-        if data.x_train is None or data.y_train is None:
-            raise RobustkitError(
-                f"data set {data.name!r} has no training split; give an .npz with "
-                "x_train/y_train or a data set that has one"
-            )
+        x_all, y_all = data.training_split()
         params: TrainingParams = defence.params
         self.defence, self.params, self.threat, self.run_config = defence, params, threat, run
         self.world = init_distributed(run.device)
@@ -472,9 +157,9 @@ class Engine:
                 f"batch_size {params.batch_size} is not divisible by the {self.world.world_size} "
                 "processes; batch_size is the global batch"
             )
-        self.recipe = recipe(defence, threat, data.x_train, data.y_train)
+        self.recipe = recipe(defence, threat, x_all, y_all)
         x_train, y_train, self.x_val, self.y_val = validation_split(
-            data.x_train, data.y_train, params.val_fraction, params.seed
+            x_all, y_all, params.val_fraction, params.seed
         )
         self.x_val, self.y_val = self.x_val[: params.canary_size], self.y_val[: params.canary_size]
         self.batches = Batches(
@@ -497,8 +182,11 @@ class Engine:
         self.epochs = math.ceil(params.epochs / defence.replays)
         total_steps = self.epochs * len(self.batches) * defence.replays
         optimizer = make_optimizer(params, self.module)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.schedule, total_steps))
-        scaler = torch.amp.GradScaler(self.device.type) if run.precision == "fp16" else None
+        optimization = Optimization(
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.schedule, total_steps)),
+            torch.amp.GradScaler(self.device.type) if run.precision == "fp16" else None,
+        )
         generator = torch.Generator(self.device).manual_seed(params.seed * 1000 + self.world.rank)
         self.ctx = StepContext(
             model=trained,
@@ -507,9 +195,7 @@ class Engine:
             device=self.device,
             precision=run.precision,
             generator=generator,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
+            optimization=optimization,
             seed=params.seed,
             world=self.world,
             train_size=len(y_train),
@@ -530,7 +216,7 @@ class Engine:
         )
         if self.out is None:
             return
-        ctx, state = self.ctx, self.state
+        opt, state = self.ctx.optimization, self.state
         checkpoint.save(
             self.out / checkpoint.FILENAME,
             {
@@ -545,9 +231,9 @@ class Engine:
                 "stale": state.stale,
                 "stop_reason": state.stop_reason,
                 "model": self.module.state_dict(),
-                "optimizer": ctx.optimizer.state_dict(),
-                "scheduler": ctx.scheduler.state_dict(),
-                "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+                "optimizer": opt.optimizer.state_dict(),
+                "scheduler": opt.scheduler.state_dict(),
+                "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
             },
         )
 
@@ -569,11 +255,11 @@ class Engine:
             raise RobustkitError(
                 f"--resume: the checkpoint's weights do not fit this model ({str(err).splitlines()[0]})"
             ) from None
-        ctx = self.ctx
-        ctx.optimizer.load_state_dict(saved["optimizer"])
-        ctx.scheduler.load_state_dict(saved["scheduler"])
-        if ctx.scaler is not None and saved["scaler"] is not None:
-            ctx.scaler.load_state_dict(saved["scaler"])
+        ctx, opt = self.ctx, self.ctx.optimization
+        opt.optimizer.load_state_dict(saved["optimizer"])
+        opt.scheduler.load_state_dict(saved["scheduler"])
+        if opt.scaler is not None and saved["scaler"] is not None:
+            opt.scaler.load_state_dict(saved["scaler"])
         if saved["world_size"] == self.world.world_size:
             mine = saved["ranks"][self.world.rank]
             checkpoint.restore_rng(mine["rng"], ctx.generator)
@@ -683,7 +369,7 @@ class Engine:
             "train_adv_accuracy": correct_total / n,
             "val_clean": clean,
             "val_robust": robust,
-            "lr": self.ctx.scheduler.get_last_lr()[0],
+            "lr": self.ctx.optimization.scheduler.get_last_lr()[0],
             "seconds": round(seconds, 4),
             "canary_seconds": round(time.perf_counter() - canary_started, 4),
             "best": False,
@@ -738,7 +424,7 @@ class Engine:
 
 
 def train(
-    defence: TrainingDefence,
+    defence: LoopDefence,
     model: nn.Module,
     data: Dataset,
     threat: ThreatModel,

@@ -1,0 +1,136 @@
+"""What a training defence writes: its *step*, given a ``StepContext``.
+
+A defence says how one batch is perturbed and what loss is minimised; the loop
+(``robustkit.harden.loop``) owns everything else. Examples are crafted through the *unwrapped*
+module (``ctx.craft``, never the DDP wrapper, whose forward would prepare a gradient
+all-reduce that crafting never runs) and, unless a defence documents otherwise, with every
+submodule in eval mode, so BatchNorm neither normalises a batch by the statistics of its own
+perturbation nor records them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.distributed import DistContext
+from robustkit.precision import Precision, autocast, input_gradient
+from robustkit.threat import ThreatModel
+
+#: A training step: (x, y) -> (loss, logits of the inputs it trained on), both detached.
+Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+#: A training loss: (model, x, x_adv, y) -> (loss, logits of x_adv), run under autocast.
+TrainLoss = Callable[[nn.Module, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Optimization:
+    """The optimizer, its learning-rate schedule and, under fp16, the gradient scaler."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+
+    def update(self, loss: Tensor) -> float:
+        """One optimizer and schedule step on ``loss``.
+
+        Returns the factor by which the backward pass scaled every gradient (the GradScaler's
+        scale under fp16, else 1), so a step that also reads input gradients from this backward
+        pass (free training) can unscale them.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = 1.0
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        return scale
+
+
+@dataclass
+class StepContext:
+    """What a defence's step may use; built by the loop for one run."""
+
+    model: nn.Module  #: the forward pass that trains (DDP-wrapped and/or compiled)
+    craft: nn.Module  #: the unwrapped module (compiled if asked): craft examples through this
+    threat: ThreatModel
+    device: torch.device
+    precision: Precision
+    generator: torch.Generator  #: random starts (on ``device``); checkpointed with the run
+    optimization: Optimization
+    seed: int
+    world: DistContext
+    train_size: int  #: samples in the training split: per-sample state is indexed by position in it
+    carry: dict[str, Tensor] = field(default_factory=dict)  #: state kept across batches (checkpointed)
+    #: Positions in the training split of the batch being stepped on, on the device that holds
+    #: the training data (the training device when it fits there, else the host): per-sample
+    #: state belongs there too. Set by the loop before each step.
+    batch_index: Tensor | None = None
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return autocast(self.device.type, self.precision)
+
+    def update(self, loss: Tensor) -> float:
+        """One optimizer and schedule step on ``loss`` (see ``Optimization.update``)."""
+        return self.optimization.update(loss)
+
+    def input_gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> Tensor:
+        """Gradient of ``objective(fp32 logits of craft(x))`` with respect to ``x``, in fp32.
+
+        Only the input gradient is computed (parameter ``.grad`` is untouched).
+        """
+        grad, _, _ = input_gradient(self.craft, x, objective, self.precision)
+        return grad
+
+    def step_seed(self) -> int:
+        """A seed unique to this run, rank and optimizer step, restored exactly on resume."""
+        return hash((self.seed, self.world.rank, self.optimization.scheduler.last_epoch)) & 0x7FFF_FFFF
+
+
+def cross_entropy_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Madry's outer objective: cross-entropy at the adversarial examples only."""
+    logits = model(x_adv).float()
+    return F.cross_entropy(logits, y), logits
+
+
+def adversarial_step(
+    ctx: StepContext,
+    perturb: Callable[[Tensor, Tensor], Tensor],
+    loss: TrainLoss = cross_entropy_loss,
+) -> Step:
+    """The usual step: craft ``x_adv = perturb(x, y)``, then one update on ``loss``."""
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x_adv = perturb(x, y)
+        with ctx.autocast():
+            value, logits = loss(ctx.model, x, x_adv, y)
+        ctx.update(value)
+        return value.detach(), logits.detach()
+
+    return step
+
+
+class LoopDefence(Protocol):
+    """What the loop needs of a training defence (``robustkit.harden.defences.StepDefence``
+    is the base class that provides it): a name and params for the recipe, the validation
+    metric that picks the best epoch, replays per batch and the step."""
+
+    name: ClassVar[str]
+    monitor: ClassVar[str]
+    params: Any
+
+    @property
+    def replays(self) -> int: ...
+
+    def make_step(self, ctx: StepContext) -> Step: ...
