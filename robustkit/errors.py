@@ -2,13 +2,31 @@
 
 Every error a user can cause (a bad name, a bad file, bad data) is a ``RobustkitError`` whose
 message is one line that says what is wrong and how to fix it. The CLI prints that line and
-exits 1; anything else is a bug and gets a traceback under ``-v``.
+exits with the error's ``exit_code`` (1; 2 for a bad option value, as click's usage errors;
+130 for an interrupt that saved its work); anything else is a bug and gets a traceback
+under ``-v``.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class RobustkitError(Exception):
     """A problem the user can fix; ``str(err)`` is a complete one-line explanation."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class OptionError(RobustkitError, ValueError):
+    """A bad value on the command line (``--eps abc``): a usage error, exit 2."""
+
+    exit_code = 2
+
+
+class Interrupted(RobustkitError):
+    """Ctrl-C or SIGTERM, after what was done is saved; the message says how to continue."""
+
+    exit_code = 130
 
 
 class UnknownNameError(RobustkitError, LookupError):

@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from robustkit.errors import RobustkitError
+from robustkit.errors import OptionError, RobustkitError
 
 #: Slack allowed when checking that an example lies in the eps-ball, for float rounding.
 TOLERANCE = 1e-5
@@ -36,7 +36,7 @@ class Norm(str, Enum):
             return cls(key)
         except ValueError:
             known = ", ".join(n.value for n in cls)
-            raise RobustkitError(f"unknown norm {text!r}; use one of: {known}") from None
+            raise OptionError(f"unknown norm {text!r}; use one of: {known}") from None
 
     def __str__(self) -> str:
         return self.value
@@ -52,9 +52,9 @@ def parse_number(text: str | float | int) -> float:
             raise ValueError
         value = float(match.group(1)) / (float(match.group(2)) if match.group(2) else 1.0)
     except (ValueError, ZeroDivisionError):
-        raise RobustkitError(f"not a number: {text!r} (write e.g. 0.03 or 8/255)") from None
+        raise OptionError(f"not a number: {text!r} (write e.g. 0.03 or 8/255)") from None
     if not math.isfinite(value):
-        raise RobustkitError(f"not a finite number: {text!r}")
+        raise OptionError(f"not a finite number: {text!r}")
     return value
 
 
@@ -96,7 +96,7 @@ class ThreatModel:
         object.__setattr__(self, "eps", float(self.eps))
         object.__setattr__(self, "bounds", (float(self.bounds[0]), float(self.bounds[1])))
         if not math.isfinite(self.eps) or self.eps < 0:
-            raise RobustkitError(f"eps must be a finite number >= 0, got {self.eps}")
+            raise OptionError(f"eps must be a finite number >= 0, got {self.eps}")
         low, high = self.bounds
         if not low < high:
             raise RobustkitError(f"bounds must satisfy low < high, got {self.bounds}")
@@ -113,7 +113,7 @@ class ThreatModel:
         """Parse ``linf:8/255`` or ``l2:0.5`` (norm, a colon, eps in input units)."""
         norm_text, sep, eps_text = text.partition(":")
         if not sep:
-            raise RobustkitError(f"threat model {text!r} needs the form NORM:EPS, e.g. linf:8/255")
+            raise OptionError(f"threat model {text!r} needs the form NORM:EPS, e.g. linf:8/255")
         return cls(Norm.parse(norm_text), parse_number(eps_text), bounds, targeted)
 
     def with_eps(self, eps: float) -> ThreatModel:

@@ -60,9 +60,26 @@ class RobustkitGroup(click.Group):
         except RobustkitError as err:
             if ctx.params.get("verbose"):
                 raise
+            if err.exit_code == 2:
+                raise click.UsageError(str(err), ctx) from None
+            if err.exit_code != 1:
+                click.echo(f"Error: {err}", err=True)
+                raise click.exceptions.Exit(err.exit_code) from None
             raise click.ClickException(str(err)) from None
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            # Jobs that have results to save catch Ctrl-C themselves and save them; one that
+            # reaches here was interrupted before it had anything to write.
+            click.echo("Error: interrupted before any result was written", err=True)
+            raise click.exceptions.Exit(130) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except OSError as err:  # a read-only folder, --out under a file, a full disk: the path and the cause
+            if ctx.params.get("verbose"):
+                raise
+            where = err.filename or "a file"
+            raise click.ClickException(
+                f"cannot read or write {where}: {err.strerror or err} (run with -v for the traceback)"
+            ) from None
         except Exception as err:
             if ctx.params.get("verbose"):
                 raise
@@ -75,7 +92,7 @@ class RobustkitGroup(click.Group):
 @click.group(cls=RobustkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="robustkit")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs and full tracebacks.")
-@click.option("--plugins-dir", "plugins_dirs", multiple=True, type=click.Path(file_okay=False),
+@click.option("--plugins-dir", "plugins_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="Load every *.py file of DIR as a one-off plugin (repeatable).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool, plugins_dirs: tuple[str, ...]) -> None:

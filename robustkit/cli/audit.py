@@ -24,7 +24,7 @@ from robustkit.cli.common import load_options, model_options, option_pairs
 @option_pairs
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write report files to DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
-@click.option("--limit", type=int, help="Audit only the first N evaluation samples.")
+@click.option("--limit", type=click.IntRange(min=1), help="Audit only the first N evaluation samples.")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,

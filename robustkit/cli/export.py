@@ -27,10 +27,11 @@ from robustkit.cli.common import load_options, model_options, option_pairs
 @click.option("--eps", help="Radius in input units, e.g. 8/255 [default: the report's middle eps, else 8/255 or 0.5].")
 @click.option("--samples", default=512, show_default=True, help="Evaluation samples used to verify.")
 @click.option("--no-audit", is_flag=True, help="Without --report, embed no robustness summary (skips the PGD run).")
+@click.option("--force", is_flag=True, help="Replace an existing --out file that robustkit did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 def export(model: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None, device: str,
            fmt: str, options: tuple[tuple[str, str], ...], out: Path | None, report: Path | None, data: str,
-           threat: str | None, eps: str | None, samples: int, no_audit: bool, as_json: bool) -> None:
+           threat: str | None, eps: str | None, samples: int, no_audit: bool, force: bool, as_json: bool) -> None:
     """Export MODEL for deployment, verify the copy against torch on real data, embed its robustness."""
     from robustkit.export.run import ExportConfig, run_export
     from robustkit.threat import Norm, parse_number
@@ -38,7 +39,7 @@ def export(model: str, arch: str | None, trust_code: bool, mean: str | None, std
     config = ExportConfig(
         model=model, format=fmt, out=out, options=options, load=load_options(arch, trust_code, mean, std, device),
         data=data, report=report, norm=Norm.parse(threat) if threat else None,
-        eps=parse_number(eps) if eps else None, audit=not no_audit, samples=samples,
+        eps=parse_number(eps) if eps else None, audit=not no_audit, samples=samples, force=force,
     )
     result = run_export(config).as_dict()
     if as_json:

@@ -116,6 +116,16 @@ class OnnxExporter(Exporter):
     Params = OnnxParams
     summary = "ONNX graph with the normalisation inside and a dynamic batch axis, verified with onnxruntime"
 
+    def wrote(self, path: Path) -> bool:
+        """Our graphs carry robustkit's metadata property."""
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:  # not an ONNX file: not ours
+            return False
+        return any(prop.key == METADATA_KEY for prop in proto.metadata_props)
+
     def export(self, model: nn.Module, example: Tensor, path: Path, *, metadata: dict[str, Any]) -> ExportResult:
         import onnx
 

@@ -80,6 +80,11 @@ class Exporter(Configurable, ABC):
         that the engine moves into place after verification, so write there directly.
         """
 
+    def wrote(self, path: Path) -> bool:
+        """Whether ``path`` is a file this exporter wrote (it carries robustkit's metadata), so
+        that an export may replace it without ``--force``. Unsure means no."""
+        return False
+
     @abstractmethod
     def load(self, path: Path, model: nn.Module) -> Model:
         """The written file as a batched predict function, run the way it will be deployed.
@@ -160,14 +165,28 @@ def adversarial_parity(runtime: Model, model: nn.Module, x: Tensor, y: Tensor, t
             "adversarial_argmax_agreement": float((torch_pred == runtime_pred).float().mean())}
 
 
+def refuse_foreign(exporter: Exporter, paths: Sequence[Path], force: bool) -> None:
+    """Refuse to replace a file that robustkit did not write (or a folder), unless ``force``."""
+    for path in paths:
+        if path.is_dir():
+            example = f"{path / 'model'}{exporter.suffix}"
+            raise RobustkitError(f"{path} is a folder; give --out a file name such as {example}")
+        if path.exists() and not force and not exporter.wrote(path):
+            raise RobustkitError(
+                f"{path} exists and was not written by robustkit; choose another --out, or pass --force to replace it"
+            )
+
+
 def export_model(model: nn.Module, exporter: Exporter, path: Path, *, x: Tensor, y: Tensor, threat: ThreatModel,
                  metadata: dict[str, Any], defence: DefenceResult | None = None,
-                 warnings: Sequence[str] = ()) -> ExportResult:
-    """Export, verify, then move into place; on any failure nothing is left at ``path``.
+                 warnings: Sequence[str] = (), force: bool = False) -> ExportResult:
+    """Export, verify, then move into place; on any failure nothing is left at ``path``, and a
+    file robustkit did not write is never replaced unless ``force``.
 
     ``defence`` is the result of the defence that produced ``model``, if any: whether it
     survives export is part of the result's warnings.
     """
+    refuse_foreign(exporter, [path], force)
     found = [*warnings, *export_warnings(model, defence)]
     cpu_model = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +201,7 @@ def export_model(model: nn.Module, exporter: Exporter, path: Path, *, x: Tensor,
             except RobustkitError as err:
                 hint = f" ({result.warnings[0]})" if result.warnings else ""
                 raise RobustkitError(f"{err}{hint}; nothing was written") from None
+        refuse_foreign(exporter, [path.parent / f.name for f in result.files], force)  # its side files too
         for written in sorted(result.files, key=lambda f: f == result.path):  # the main file last
             os.replace(written, path.parent / written.name)
     finally:
@@ -257,6 +277,7 @@ class ExportConfig:
     eps: float | None = None  #: default: the report's middle eps, else the usual radius
     audit: bool = True  #: without a report, measure a quick summary (clean + PGD)
     samples: int = 512  #: evaluation samples used to verify and for the quick summary
+    force: bool = False  #: replace an existing file that robustkit did not write
 
 
 def default_out(model: str, suffix: str) -> Path:
@@ -294,6 +315,8 @@ def run_export(config: ExportConfig) -> ExportResult:
 
     entry = get_host().exporters.resolve(config.format)
     exporter: Exporter = entry.obj(coerce(entry.obj.Params, dict(config.options), owner=entry.qualified_name))
+    path = config.out or default_out(config.model, exporter.suffix)
+    refuse_foreign(exporter, [path], config.force)  # before any work
     report = read_report(config.report) if config.report is not None else None
     loaded = load_model(config.model, config.load)
     if not isinstance(loaded.model, nn.Module):
@@ -324,5 +347,5 @@ def run_export(config: ExportConfig) -> ExportResult:
         "versions": {"robustkit": __version__, **{k: v for k, v in environment("cpu").items()
                                                  if k in ("torch", "onnx", "onnxruntime", "python")}},
     }
-    path = config.out or default_out(config.model, exporter.suffix)
-    return export_model(loaded.model, exporter, path, x=x, y=y, threat=threat, metadata=metadata, warnings=warnings)
+    return export_model(loaded.model, exporter, path, x=x, y=y, threat=threat, metadata=metadata, warnings=warnings,
+                        force=config.force)

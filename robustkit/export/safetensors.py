@@ -59,6 +59,19 @@ class SafetensorsExporter(Exporter):
         }, indent=2, default=str) + "\n")
         return ExportResult(path, "safetensors", [path, card], details={"tensors": len(state), "card": card.name})
 
+    def wrote(self, path: Path) -> bool:
+        """Our weights carry robustkit's metadata; our model card names them and says how to load."""
+        try:
+            if path.suffix == ".json":
+                card = json.loads(path.read_text())
+                return isinstance(card, dict) and {"weights", "load", "format_version"} <= set(card)
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                return METADATA_KEY in (handle.metadata() or {})
+        except Exception:  # unreadable or another format: not ours
+            return False
+
     def load(self, path: Path, model: nn.Module) -> Model:
         from safetensors.torch import load_file
 

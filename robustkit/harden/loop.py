@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from robustkit.console import progress
 from robustkit.data import Dataset, tensors_sha256
 from robustkit.distributed import DistContext, init_distributed
-from robustkit.errors import RobustkitError
+from robustkit.errors import Interrupted, RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden import distributed as ddp
 from robustkit.harden.base import DefenceResult
@@ -38,6 +38,7 @@ from robustkit.harden.canary import RunState, canary, judge_epoch
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.step import LoopDefence, Optimization, StepContext
 from robustkit.io import atomic_write
+from robustkit.models.base import state_sha256
 from robustkit.modules import seeded
 from robustkit.threat import ThreatModel
 
@@ -48,8 +49,8 @@ LOG_FILENAME = "train_log.jsonl"
 STOP_SYNC_EVERY = 8
 
 
-class TrainingInterrupted(RobustkitError):
-    """Raised after Ctrl-C/SIGTERM once the checkpoint is on disk."""
+class TrainingInterrupted(Interrupted):
+    """Raised after Ctrl-C/SIGTERM once the checkpoint is on disk (exit 130)."""
 
 
 def lr_factor(kind: str, total_steps: int) -> Callable[[int], float]:
@@ -116,20 +117,39 @@ def resolve_device(spec: str, world: DistContext) -> torch.device:
     return device
 
 
-def recipe(defence: LoopDefence, threat: ThreatModel, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """What must match for ``--resume`` to continue the same run."""
+def recipe(
+    defence: LoopDefence, threat: ThreatModel, x: Tensor, y: Tensor, model: nn.Module, run: RunConfig
+) -> dict[str, Any]:
+    """What must match for ``--resume`` to continue the same run: the defence and its settings,
+    the threat model, the training data, the weights the run started from (another MODEL, or
+    other --mean/--std, is another run) and the precision (fp32 and bf16 epochs must not mix).
+    Device, workers, channels-last and compile may change: they change speed, not the run."""
     return {
         "defence": defence.name,
         "params": dataclasses.asdict(defence.params),
         "threat": {"norm": threat.norm.value, "eps": threat.eps, "bounds": list(threat.bounds)},
         "train_sha256": tensors_sha256(x, y),
+        "start_weights_sha256": state_sha256(model),
+        "precision": run.precision,
     }
 
 
+#: Recipe keys and how a difference is named on resume.
+_RECIPE_KEYS = {
+    "defence": "the defence",
+    "threat": "the threat model",
+    "train_sha256": "the training data",
+    "start_weights_sha256": "the model's starting weights (another MODEL, --arch or --mean/--std)",
+    "precision": "--precision",
+}
+
+
 def _recipe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    for key in ("defence", "threat", "train_sha256"):
+    for key, what in _RECIPE_KEYS.items():
         if saved.get(key) != current[key]:
-            return f"{key} differs"
+            if key == "precision":
+                return f"--precision was {saved.get(key)}, now {current[key]}"
+            return f"{what} differs"
     for key, value in current["params"].items():
         if saved["params"].get(key) != value:
             return f"{key} was {saved['params'].get(key)!r}, now {value!r}"
@@ -157,7 +177,7 @@ class Engine:
                 f"batch_size {params.batch_size} is not divisible by the {self.world.world_size} "
                 "processes; batch_size is the global batch"
             )
-        self.recipe = recipe(defence, threat, x_all, y_all)
+        self.recipe = recipe(defence, threat, x_all, y_all, model, run)
         x_train, y_train, self.x_val, self.y_val = validation_split(
             x_all, y_all, params.val_fraction, params.seed
         )
@@ -295,6 +315,9 @@ class Engine:
         previous_benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed shapes: pick fast kernels
         try:
+            if self.out is not None:  # a checkpoint half-written by a killed process
+                for stale in self.out.glob(f".{checkpoint.FILENAME}.*.tmp"):
+                    stale.unlink(missing_ok=True)
             if self.run_config.resume:
                 self._resume()
             elif self.out is not None:
