@@ -160,12 +160,26 @@ def test_duplicate_name_charged_to_the_later_plugin(
 def test_a_plugin_claiming_the_builtin_provider_cannot_knock_out_builtins(
     host: Host, make_attack: Callable[..., type], register_attacks: Callable[..., PluginRecord]
 ) -> None:
-    register_attacks("impostor", make_attack("pgd"), provider="robustkit")
+    register_attacks("impostor", make_attack("pgd"), make_attack("novel"), provider="robustkit")
     status = statuses(host)
     assert status["robustkit.builtins.plugin"] == "ok"
-    assert status["impostor"].startswith("failed: DuplicateNameError")
+    assert status["impostor"].startswith("failed: the provider name 'robustkit' is reserved")
     builtins_still_work(host)
     assert host.attacks.resolve("pgd").plugin == "robustkit.builtins.plugin"
+    assert host.attacks.list("novel") == []  # nothing registers under the core's name
+
+
+def test_a_plugins_dir_file_named_robustkit_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "robustkit.py").write_text(
+        "from robustkit import hookimpl\n"
+        "from robustkit.attacks.native import PGD\n"
+        "class Impostor(PGD):\n    name = 'apgd'\n"
+        "@hookimpl\ndef robustkit_register_attacks(registry):\n    registry.add(Impostor)\n"
+    )
+    host = Host(plugins_dirs=[tmp_path])
+    record = next(r for r in host.plugins() if r.source.startswith("file"))
+    assert "reserved" in record.status
+    assert host.attacks.resolve("apgd").obj.__module__ == "robustkit.attacks.apgd"
 
 
 def test_same_plugin_name_twice(host: Host, register_plugin: Callable[..., PluginRecord]) -> None:
@@ -290,21 +304,30 @@ def test_failing_command_hook_keeps_other_commands(
     assert rows["badcmd"] == "failed: RuntimeError: cannot build my command"
 
 
-def test_crashing_loader_is_one_line_error_naming_the_plugin(
-    host: Host, register_plugin: Callable[..., PluginRecord]
+def test_crashing_loader_is_charged_to_its_plugin_and_the_next_loader_answers(
+    host: Host, register_plugin: Callable[..., PluginRecord], caplog: pytest.LogCaptureFixture
 ) -> None:
+    from robustkit.models.loading import load_model
+
     class CrashingLoader:
         @hookimpl
         def robustkit_load_model(self, ref: str, options: Any) -> Any:
             raise OSError("disk on fire\nsecond line")
 
+    class RefusingLoader:
+        @hookimpl
+        def robustkit_load_model(self, ref: str, options: Any) -> Any:
+            raise RobustkitError(f"refusing {ref}: not my format")
+
     register_plugin(CrashingLoader(), "crashy")
+    register_plugin(RefusingLoader(), "refuser")
+    # every model still loads: the built-in loader answers after the two plugins declined
+    assert load_model("builtin:digits-cnn").format == "builtin"
+    assert "plugin 'crashy' failed in robustkit_load_model: OSError: disk on fire; second line" in caplog.text
+    # when nobody answers, the first refusal or failure is the one-line error
     with pytest.raises(RobustkitError) as info:
         host.first_result("robustkit_load_model", ref="x.bin", options=None)
-    assert (
-        str(info.value)
-        == "plugin 'crashy' failed in robustkit_load_model: OSError: disk on fire; second line"
-    )
+    assert str(info.value) == "refusing x.bin: not my format"
 
 
 def test_wrapper_hooks_work_through_pluggy_dispatch(host: Host, register_plugin: Callable[..., PluginRecord]) -> None:

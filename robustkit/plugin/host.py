@@ -41,6 +41,8 @@ REGISTER_HOOKS = {
 }
 #: hooks whose every result is gathered; a failing implementation is skipped, not fatal
 COLLECT_HOOKS = ("robustkit_report_sections",)
+#: firstresult hooks: an implementation that refuses or fails lets the next one answer
+FIRST_RESULT_HOOKS = ("robustkit_load_model",)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Host:
         self._registries: dict[str, Registry[Any]] | None = None
         self._staged: list[tuple[PluginRecord, Registry[Any]]] = []  # register hooks' output
         self._collected: tuple[str, list[tuple[str, Any]]] | None = None  # collect()'s results
+        self._declined: list[RobustkitError] = []  # first_result()'s refusals and crashes
         if builtins:
             for module_name in BUILTIN_PLUGINS:
                 load = functools.partial(importlib.import_module, module_name)
@@ -117,6 +120,14 @@ class Host:
                 raise RobustkitError(record.status[len("failed: "):])
             return record
         self.records[name] = record
+        if provider == BUILTIN_PROVIDER and source != "built-in":
+            # bare names resolve to the built-in provider first: an impostor there would win them
+            record.status = (f"failed: the provider name {BUILTIN_PROVIDER!r} is reserved for robustkit's own "
+                             "plugins; rename the plugin (its file or entry point)")
+            log.warning("plugin %r %s", name, record.status)
+            if self.strict:
+                raise RobustkitError(record.status[len("failed: "):])
+            return record
         if name in self.disabled or provider in self.disabled:
             record.status = "disabled"
             return record
@@ -188,8 +199,9 @@ class Host:
                     return None
                 result = function(*args)
             except RobustkitError as err:
-                if hook_name == "robustkit_load_model":
-                    raise  # a loader's refusal, with its reason, is the answer
+                if hook_name in FIRST_RESULT_HOOKS:  # a refusal: the answer unless another loader has one
+                    self._declined.append(err)
+                    return None
                 return self._charge(record, hook_name, err)
             except Exception as err:
                 return self._charge(record, hook_name, err)
@@ -201,10 +213,15 @@ class Host:
 
     def _charge(self, record: PluginRecord, hook_name: str, err: BaseException) -> None:
         """A hook implementation failed: the plugin is marked failed (register hooks,
-        commands), the load is refused naming it (model loaders), or the failure is logged
-        and skipped (report sections)."""
-        if hook_name == "robustkit_load_model":
-            raise RobustkitError(f"plugin {record.name!r} failed in {hook_name}: {_one_line(err)}") from err
+        commands), or the failure is logged naming it and the next implementation answers
+        (model loaders, report sections)."""
+        if hook_name in FIRST_RESULT_HOOKS:
+            if self.strict:
+                raise err
+            failure = f"plugin {record.name!r} failed in {hook_name}: {_one_line(err)}"
+            log.warning("%s; trying the next loader", failure)
+            self._declined.append(RobustkitError(failure))
+            return None
         if hook_name in COLLECT_HOOKS:
             if self.strict:
                 raise err
@@ -268,8 +285,14 @@ class Host:
         return self.registries["datasets"]
 
     def first_result(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call a firstresult hook; a plugin's crash becomes a one-line error naming it."""
-        return getattr(self.pm.hook, hook_name)(**kwargs)
+        """Call a firstresult hook. An implementation that refuses (a ``RobustkitError``) or
+        crashes (charged to its plugin, with a warning) lets the next one answer; when none
+        answers, the first refusal or crash is the error."""
+        self._declined = []
+        result = getattr(self.pm.hook, hook_name)(**kwargs)
+        if result is None and self._declined:
+            raise self._declined[0]
+        return result
 
     def collect(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Every implementation's result with its plugin's name; failures are logged and
