@@ -4,8 +4,8 @@ An ``Attack`` holds settings only (a frozen ``Params`` dataclass) and receives t
 call time, as in foolbox 3. Plugins write ``run``; the final ``__call__`` does the work every
 attack needs and no plugin should be trusted to repeat: checks the norm, puts the model in
 eval mode (restoring each submodule's mode afterwards), runs a CPU conv net in channels-last
-(``fast_layout``), projects the result into the eps-ball and the bounds, and judges success
-in fp32.
+(``fast_layout``), projects the result into the eps-ball and the bounds, judges success
+in fp32, and refuses a result obtained by changing the model's weights (``ModelTampered``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar, final
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustkit.errors import DataError, RobustkitError
 from robustkit.modules import Model, eval_mode, fast_layout, predict_logits
@@ -47,6 +47,26 @@ def default_targets(logits: Tensor, y: Tensor) -> Tensor:
     masked = logits.detach().float().clone()
     masked.scatter_(1, y.view(-1, 1), float("-inf"))
     return masked.argmax(dim=1)
+
+
+class ModelTampered(RobustkitError):
+    """An attack changed the model's parameters or buffers: its result does not count, and the
+    caller restores the weights it saved (the audit engine does, then goes on without it)."""
+
+
+def weights_fingerprint(model: Model) -> Tensor | None:
+    """Where each parameter and buffer lives and the float64 sum of its values: any in-place
+    change (zeroing, scaling, a loaded state) shows, at the cost of one pass over the weights.
+    None for a predict function without weights."""
+    if not isinstance(model, nn.Module):
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors:
+        return None
+    with torch.no_grad():
+        sums = torch.stack([t.detach().double().sum() for t in tensors]).cpu()
+    places = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.float64)
+    return torch.cat([places, sums])
 
 
 class Attack(Configurable, ABC):
@@ -101,8 +121,14 @@ class Attack(Configurable, ABC):
             if threat.targeted and targets is None:
                 targets = default_targets(predict_logits(model, x_run), y)
             labels = targets.long() if threat.targeted and targets is not None else y
+            before = weights_fingerprint(model)
             raw = self.run(model, x_run, labels, threat) if radii is None else self.run(  # type: ignore[call-arg]
                 model, x_run, labels, threat, radii=radii.to(x.device))
+            after = weights_fingerprint(model)
+            if before is not None and (after is None or not torch.equal(before.nan_to_num(), after.nan_to_num())):
+                raise ModelTampered(
+                    f"attack {self.name!r} changed the model's weights while attacking; its result is not counted"
+                )
             if raw.shape != x.shape:
                 raise RobustkitError(
                     f"attack {self.name!r} returned shape {tuple(raw.shape)} for inputs of shape {tuple(x.shape)}"
