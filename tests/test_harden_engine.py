@@ -195,7 +195,7 @@ def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(
 
     random.seed(123), np.random.seed(123), torch.manual_seed(123)  # resume must not depend on these
     resumed = make().apply(
-        fresh_model(seed=1),
+        fresh_model(),  # the same MODEL: another start is another run (refused)
         digits,
         threat=THREAT,
         run=RunConfig(out_dir=out, resume=True, progress=False),

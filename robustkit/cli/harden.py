@@ -98,6 +98,11 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     metavar="KEY VALUE",
     help="A parameter of the defence, e.g. -o beta 3 (see `robustkit defences show NAME`).",
 )
+@click.option(
+    "--augment",
+    help="Augmentation on the device before the attack: crop,flip | crop | flip | none | auto "
+    "(default auto: crop and flip for images of 16x16 or more).",
+)
 @click.option("--attack", help="Inner maximiser for pgd-at: any registered attack (default robustkit:pgd).")
 @click.option(
     "--precision",
@@ -158,7 +163,7 @@ def harden(ctx: click.Context, **values: Any) -> None:
         if config.get(key) is not None:
             options[key] = config[key]
     options.update(dict(values["options"]))
-    for key in ("epochs", "batch_size"):
+    for key in ("epochs", "batch_size", "augment"):
         if values[key] is not None:
             options[key] = values[key]
     attack = pick("attack")

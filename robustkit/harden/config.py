@@ -50,6 +50,12 @@ class TrainingParams:
     )
     stop_on_overfit: bool = param(True, "stop at catastrophic overfitting (the best weights are kept)")
     seed: int = param(0, "seed of the validation split, shuffling, random starts and fresh weights")
+    augment: str = param(
+        "auto",
+        "augmentation on the device, before the attack: crop, flip, crop,flip, none, or auto "
+        "(crop and flip for images of 16x16 pixels or more, none below)",
+    )
+    crop_padding: int = param(4, "padding of the random crop, in pixels")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -62,6 +68,8 @@ class TrainingParams:
             raise ValueError("canary_steps and canary_size must be >= 1, patience >= 0")
         if not 0 < self.overfit_drop <= 1:
             raise ValueError("overfit_drop must lie in (0, 1]")
+        if self.crop_padding < 0:
+            raise ValueError("crop_padding must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from robustkit.distributed import DistContext, init_distributed
 from robustkit.errors import Interrupted, RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden import distributed as ddp
+from robustkit.harden.augment import batch_generator, parse_augmentation
 from robustkit.harden.base import DefenceResult
 from robustkit.harden.batches import Batches, validation_split
 from robustkit.harden.canary import RunState, canary, judge_epoch
@@ -182,6 +183,9 @@ class Engine:
             x_all, y_all, params.val_fraction, params.seed
         )
         self.x_val, self.y_val = self.x_val[: params.canary_size], self.y_val[: params.canary_size]
+        self.augmentation = parse_augmentation(params.augment, tuple(x_train.shape[1:]), params.crop_padding)
+        if self.augmentation.active and self.world.is_main:
+            log.info("augmentation on the device: %s (augment=%s)", self.augmentation.describe(), params.augment)
         self.batches = Batches(
             x_train,
             y_train,
@@ -346,6 +350,9 @@ class Engine:
         refresh = max(1, len(self.batches) // 10)  # a host sync 10 times an epoch, for the display
         for number, (xb, yb, index) in enumerate(self.batches.epoch(epoch, state.batch), start=state.batch + 1):
             self.ctx.batch_index = index
+            if self.augmentation.active:
+                draws = batch_generator(self.device, self.params.seed, self.world.rank, epoch, number)
+                xb = self.augmentation(xb, draws, fill=self.threat.bounds[0])
             loss, logits = self.step(xb, yb)
             loss_sum += loss * len(yb)
             correct += (logits.argmax(1) == yb).sum()
