@@ -265,6 +265,50 @@ def suites_show(name: str, as_json: bool) -> None:
         stdout.print(f"{position}. {attack.name} ({settings})")
 
 
+@cli.group()
+def recipes() -> None:
+    """List and inspect the published training recipes of `robustkit harden --recipe`."""
+
+
+@recipes.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def recipes_list(as_json: bool) -> None:
+    """List the recipes with their defence and source."""
+    from robustkit.harden.recipes import RECIPES
+
+    if as_json:
+        emit_json([r.describe() for r in RECIPES.values()])
+        return
+    from rich.table import Table
+
+    from robustkit.console import stdout
+
+    table = Table("recipe", "defence", "summary", "source")
+    for recipe in RECIPES.values():
+        table.add_row(recipe.name, recipe.defence, recipe.summary, recipe.source)
+    stdout.print(table)
+
+
+@recipes.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def recipes_show(name: str, as_json: bool) -> None:
+    """Show one recipe: its defence, eps and every setting it gives."""
+    from robustkit.harden.recipes import get_recipe
+
+    recipe = get_recipe(name)
+    if as_json:
+        emit_json(recipe.describe())
+        return
+    from robustkit.console import stdout
+
+    stdout.print(f"[bold]{recipe.name}[/] ({recipe.defence}, linf eps {recipe.eps:.4g} for inputs in [0, 1]): "
+                 f"{recipe.summary}")
+    stdout.print(f"source: {recipe.source}")
+    for key, value in recipe.params.items():
+        stdout.print(f"  {key} = {value}")
+
+
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("robustkit-demo"),
               show_default=True, help="Folder for the demo's model and reports.")

@@ -23,6 +23,7 @@ from robustkit.errors import RobustkitError
 CONFIG_KEYS = (
     "model",
     "data",
+    "recipe",
     "defence",
     "arch",
     "mean",
@@ -84,6 +85,8 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     "defence",
     help="Training defence, e.g. pgd-at, fgsm-rs, atta, free, trades.",
 )
+@click.option("--recipe", help="A published configuration (defence, optimizer, schedule, eps, ...); "
+              "flags override it. See `robustkit recipes list`.")
 @model_options
 @click.option("--threat", default="linf", show_default=True, help="linf or l2 (or NORM:EPS).")
 @click.option("--eps", help="Radius in input units, e.g. 8/255 (default: 8/255 for linf, 0.5 for l2).")
@@ -153,11 +156,12 @@ def harden(ctx: click.Context, **values: Any) -> None:
         given = ctx.get_parameter_source(option) is click.core.ParameterSource.COMMANDLINE
         return values[option] if given or key not in config else config[key]
 
-    model, defence = pick("model"), pick("defence")
+    model, defence, recipe = pick("model"), pick("defence"), pick("recipe")
     if not model:
         raise click.UsageError("give MODEL (e.g. builtin:digits-cnn or weights.safetensors with --arch)")
-    if not defence:
-        raise click.UsageError("give --defence NAME (see `robustkit defences list`)")
+    if not defence and not recipe:
+        raise click.UsageError("give --defence NAME (see `robustkit defences list`) or --recipe NAME "
+                               "(see `robustkit recipes list`)")
     options: dict[str, Any] = dict(config.get("params") or {})
     for key in ("epochs", "batch_size"):
         if config.get(key) is not None:
@@ -193,6 +197,7 @@ def harden(ctx: click.Context, **values: Any) -> None:
         options=options,
         attack=attack,
         run=run,
+        recipe=recipe,
     )
     summary = run_harden(request)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -32,11 +32,13 @@ from robustkit.harden import checkpoint
 from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import RunConfig
 from robustkit.harden.loop import LOG_FILENAME, resolve_device
+from robustkit.harden.recipes import SCALED, get_recipe
 from robustkit.io import atomic_write
 from robustkit.models.base import LoadOptions
 from robustkit.models.loading import check_model_output, load_model
 from robustkit.modules import Normalized, seeded
 from robustkit.params import coerce
+from robustkit.plugin.host import get_host
 from robustkit.threat import TRAINING_EPS, Norm, ThreatModel, parse_number
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class HardenRequest:
 
     model: str
     data: str
-    defence: str
+    defence: str | None  #: None: the recipe's
     arch: str | None = None
     trust_code: bool = False
     mean: tuple[float, ...] | None = None
@@ -61,6 +63,28 @@ class HardenRequest:
     options: Mapping[str, Any] = field(default_factory=dict)  #: the defence's parameters
     attack: str | None = None  #: inner maximiser of defences that take one (pgd-at)
     run: RunConfig = field(default_factory=RunConfig)
+    recipe: str | None = None  #: a published configuration (robustkit.harden.recipes); the rest overrides it
+
+
+def apply_recipe(request: HardenRequest, bounds: tuple[float, float]) -> HardenRequest:
+    """The request with its recipe's defence, eps and settings filled in where it gives none;
+    eps and step sizes scale with the data's range (recipes are written for [0, 1])."""
+    if request.recipe is None:
+        if request.defence is None:
+            raise RobustkitError("give --defence NAME or --recipe NAME (see `robustkit recipes list`)")
+        return request
+    recipe = get_recipe(request.recipe)
+    defence = request.defence or recipe.defence
+    defences = get_host().defences
+    if defences.resolve(defence).qualified_name != defences.resolve(recipe.defence).qualified_name:
+        raise RobustkitError(f"recipe {recipe.name!r} trains with {recipe.defence}; drop --defence {request.defence} "
+                             "or the recipe")
+    if ":" in request.threat or Norm.parse(request.threat) is not Norm.LINF:
+        raise RobustkitError(f"recipe {recipe.name!r} is a linf recipe; drop --threat or the recipe")
+    span = bounds[1] - bounds[0]
+    settings = {k: v * span if k in SCALED else v for k, v in recipe.params.items()}
+    eps = request.eps if request.eps is not None else recipe.eps * span
+    return dataclasses.replace(request, defence=defence, eps=eps, options={**settings, **request.options})
 
 
 def params_dict(defence: Defence) -> dict[str, Any]:
@@ -85,8 +109,7 @@ def resolve_threat(text: str, eps: str | float | None, bounds: tuple[float, floa
 
 def resolve_defence(request: HardenRequest) -> tuple[str, Defence]:
     """The registered training defence with its parameters; one-line errors for the rest."""
-    from robustkit.plugin.host import get_host
-
+    assert request.defence is not None, "apply_recipe names the defence"
     entry = get_host().defences.resolve(request.defence)
     cls = entry.obj
     if getattr(cls, "kind", None) != "training":
@@ -123,8 +146,6 @@ def audit(
     model: nn.Module, data: Dataset, threat: ThreatModel, world: DistContext, device: torch.device
 ) -> dict[str, float]:
     """Clean and PGD robust accuracy on the evaluation split (the before/after summary)."""
-    from robustkit.plugin.host import get_host
-
     entry = get_host().attacks.resolve(SUMMARY_ATTACK)
     result = evaluate(
         model,
@@ -197,6 +218,7 @@ def resolved_config(
     return {
         "model": request.model,
         "data": request.data,
+        "recipe": request.recipe,
         "defence": defence_name,
         "arch": request.arch,
         "mean": list(request.mean) if request.mean else None,
@@ -240,9 +262,10 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
         raise RobustkitError(
             f"{out} holds the checkpoint of an earlier run; pass --resume to continue it, or choose another --out"
         )
-    defence_name, defence = resolve_defence(request)
     data = load_dataset(request.data)
     data.training_split()  # before the model loads and the "before" audit runs
+    request = apply_recipe(request, data.bounds)
+    defence_name, defence = resolve_defence(request)
     threat = resolve_threat(request.threat, request.eps, data.bounds)
     defence.check(threat)
     _check_loop(defence_name, defence, run, world)
@@ -294,6 +317,7 @@ def _summary(
     return {
         "model": request.model,
         "data": data.describe(),
+        "recipe": request.recipe,
         "defence": defence_name,
         "params": params_dict(defence),
         "threat": str(threat),

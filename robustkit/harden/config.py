@@ -29,13 +29,17 @@ class TrainingParams:
         "peak learning rate of the schedule (the cycle averages half its peak, so this is twice "
         "a usual constant rate); lower it, or use sgd, to fine-tune a large pretrained model",
     )
-    optimizer: Literal["adam", "sgd"] = param("adam", "adam, or sgd with momentum 0.9 (nesterov)")
+    optimizer: Literal["adam", "sgd"] = param("adam", "adam, or sgd with momentum 0.9")
+    nesterov: bool = param(True, "Nesterov momentum for sgd (the papers' recipes use plain momentum)")
     weight_decay: float = param(0.0, "L2 penalty of the optimizer")
     # One cycle for every defence, as fast adversarial training (Wong et al., 2020) uses it: it
     # beat a constant rate for pgd-at, trades and free on builtin:digits (docs/performance.md).
-    schedule: Literal["constant", "cyclic", "cosine"] = param(
-        "cyclic", "learning rate over the run: cyclic (0 -> lr at 2/5 of the run -> 0), cosine decay or constant"
+    schedule: Literal["constant", "cyclic", "cosine", "piecewise"] = param(
+        "cyclic",
+        "learning rate over the run: cyclic (0 -> lr at 2/5 of the run -> 0), cosine decay, "
+        "piecewise (divided by 10 at each milestone) or constant",
     )
+    milestones: str = param("0.5,0.75", "piecewise schedule: shares of the run after which the lr is divided by 10")
     val_fraction: float = param(0.1, "share of the training split held out for the per-epoch canary")
     canary_steps: int = param(5, "PGD steps of the per-epoch robust-accuracy canary")
     canary_size: int = param(512, "validation samples the canary attacks, at most")
@@ -70,6 +74,17 @@ class TrainingParams:
             raise ValueError("overfit_drop must lie in (0, 1]")
         if self.crop_padding < 0:
             raise ValueError("crop_padding must be >= 0")
+        self.milestone_shares()
+
+    def milestone_shares(self) -> tuple[float, ...]:
+        """``milestones`` as numbers in (0, 1), ascending."""
+        try:
+            shares = tuple(float(part) for part in self.milestones.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"milestones {self.milestones!r}: give shares of the run such as 0.5,0.75") from None
+        if not all(0 < share < 1 for share in shares) or list(shares) != sorted(shares):
+            raise ValueError(f"milestones {self.milestones!r}: ascending shares of the run in (0, 1)")
+        return shares
 
 
 @dataclass(frozen=True)

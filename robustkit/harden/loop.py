@@ -54,8 +54,10 @@ class TrainingInterrupted(Interrupted):
     """Raised after Ctrl-C/SIGTERM once the checkpoint is on disk (exit 130)."""
 
 
-def lr_factor(kind: str, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step t, evaluated at the middle of the step."""
+def lr_factor(kind: str, total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75)) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step t, evaluated at the middle of the step.
+    ``milestones``: for the piecewise schedule, the shares of the run after which the rate is
+    divided by 10 (Madry et al. and Rice et al. decay at half and three quarters)."""
 
     def factor(t: int) -> float:
         position = min(1.0, (t + 0.5) / total_steps)
@@ -63,6 +65,8 @@ def lr_factor(kind: str, total_steps: int) -> Callable[[int], float]:
             return position / 0.4 if position < 0.4 else (1.0 - position) / 0.6
         if kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * position))
+        if kind == "piecewise":
+            return 0.1 ** sum(position >= m for m in milestones)
         return 1.0
 
     return factor
@@ -74,7 +78,7 @@ def make_optimizer(params: TrainingParams, module: nn.Module) -> torch.optim.Opt
             module.parameters(),
             lr=params.lr,
             momentum=0.9,
-            nesterov=True,
+            nesterov=params.nesterov,
             weight_decay=params.weight_decay,
         )
     return torch.optim.Adam(module.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -206,9 +210,10 @@ class Engine:
         self.epochs = math.ceil(params.epochs / defence.replays)
         total_steps = self.epochs * len(self.batches) * defence.replays
         optimizer = make_optimizer(params, self.module)
+        schedule = lr_factor(params.schedule, total_steps, params.milestone_shares())
         optimization = Optimization(
             optimizer,
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.schedule, total_steps)),
+            torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
             torch.amp.GradScaler(self.device.type) if run.precision == "fp16" else None,
         )
         generator = torch.Generator(self.device).manual_seed(params.seed * 1000 + self.world.rank)
