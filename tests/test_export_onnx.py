@@ -146,7 +146,7 @@ def test_failed_verification_leaves_no_file(tmp_path: Path, digits) -> None:
     median = float(x.flatten(1).mean(1).median())  # one sample at a time, half go each way
     with pytest.raises(RobustkitError, match="export verification failed") as info:
         export_model(Branchy(trained_digits_model("cnn"), median), OnnxExporter(dynamo=False), path, x=x, y=y,
-                     threat=THREAT, metadata={})
+                     threat=THREAT, metadata={}, force=True)  # the file in the way is not ours: replace it
     message = str(info.value)
     assert "\n" not in message and "TorchScript tracer" in message and "nothing was written" in message
     assert path.read_bytes() == b"the previous export"

@@ -21,7 +21,19 @@ import torch
 from robustkit.attacks.base import Attack
 from robustkit.audit import checks
 from robustkit.audit.engine import NEVER, Evaluation, NamedAttack, evaluate
-from robustkit.audit.report import SCHEMA_VERSION, accuracy_with_ci, wilson_interval, write_report
+from robustkit.audit.report import (
+    AuditReport,
+    Certification,
+    ReportConfig,
+    ResultRow,
+    Section,
+    SuiteAttackRecord,
+    SuiteRecord,
+    Threat,
+    WorstCaseRow,
+    accuracy_ci,
+    write_report,
+)
 from robustkit.audit.suites import get_suite
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
@@ -144,70 +156,82 @@ def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
 
 
 def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evaluation: Evaluation,
-                 found_checks: list[checks.Check], suite: list[NamedAttack], started: float) -> dict[str, Any]:
+                 found_checks: Sequence[checks.Check], suite: list[NamedAttack], started: float) -> AuditReport:
+    """The report of ``evaluation`` and ``found_checks``, without plugin sections (they are given
+    this report to read; ``_run_audit`` adds what they return)."""
     n = evaluation.n
-    results = []
-    for named, outcome in zip(suite, evaluation.outcomes):
+    clean = evaluation.clean_accuracy
+    return AuditReport(
+        complete=not evaluation.interrupted,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - started, 2),
+        n=n,
+        clean_accuracy=clean,
+        clean_ci95=accuracy_ci(clean, n),
+        threat=Threat(config.norm.value, tuple(evaluation.eps), data.bounds, targeted=False),
+        mode=config.mode,
+        attack_access="white-box (gradients)" if loaded.white_box else "black-box (scores only)",
+        results=result_rows(config, evaluation, suite),
+        worst_case=worst_case_rows(config, evaluation),
+        certification=Certification(evaluation.certification, round(sum(evaluation.certify_seconds.values()), 4)),
+        checks=tuple(found_checks),
+        model=loaded.describe(),
+        data={**data.describe(), "limit": config.limit},
+        environment=environment(config.load.device),
+        config=ReportConfig(suite=_suite_description(config), attacks=tuple(a.name for a in suite),
+                            batch_size=config.batch_size, seed=config.seed, precision=config.precision,
+                            check_samples=config.check_samples),
+    )
+
+
+def result_rows(config: AuditConfig, evaluation: Evaluation, suite: list[NamedAttack]) -> tuple[ResultRow, ...]:
+    """A row per (attack, eps) that was computed (an interruption leaves some out)."""
+    rows = []
+    cascade = config.mode == "cascade"
+    for index, (named, outcome) in enumerate(zip(suite, evaluation.outcomes)):
         for eps in evaluation.eps:
             if eps not in outcome.seconds:
                 continue  # not reached before an interruption
-            acc = evaluation.robust_accuracy(outcome, eps) if config.mode == "per-attack" else None
-            if config.mode == "cascade":
+            if cascade:
                 # In a cascade each attack sees only the survivors of the earlier ones, so its
                 # figure is the robust accuracy after the attacks up to and including it.
-                index = evaluation.outcomes.index(outcome)
                 stacked = torch.stack([o.broken_at for o in evaluation.outcomes[: index + 1]]).min(0).values
                 acc = float((stacked > eps).float().mean())
-            assert acc is not None
-            results.append({"attack": outcome.name, "norm": config.norm.value, "eps": eps,
-                            **accuracy_with_ci(acc, n), "seconds": round(outcome.seconds[eps], 4),
-                            "attacked": outcome.attacked[eps], "gradients": named.attack.needs_gradients,
-                            "scope": "cumulative" if config.mode == "cascade" else "single attack",
-                            "params": outcome.params})
+            else:
+                acc = evaluation.robust_accuracy(outcome, eps)
+            rows.append(ResultRow(attack=outcome.name, norm=config.norm.value, eps=eps, robust_accuracy=acc,
+                                  ci95=accuracy_ci(acc, evaluation.n), seconds=round(outcome.seconds[eps], 4),
+                                  attacked=outcome.attacked[eps], gradients=named.attack.needs_gradients,
+                                  scope="cumulative" if cascade else "single attack", params=outcome.params))
+    return tuple(rows)
+
+
+def worst_case_rows(config: AuditConfig, evaluation: Evaluation) -> tuple[WorstCaseRow, ...]:
+    """The worst case over the attacks at each eps that every attack completed."""
     completed = [e for e in evaluation.eps if all(e in o.seconds for o in evaluation.outcomes)]
-    worst = [{"norm": config.norm.value, "eps": e, **accuracy_with_ci(evaluation.worst_case(e), n),
-              **_certified(evaluation, e)} for e in completed]
-    clean = evaluation.clean_accuracy
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "complete": not evaluation.interrupted,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 2),
-        "n": n,
-        "clean_accuracy": clean,
-        "clean_ci95": list(wilson_interval(round(clean * n), n)),
-        "threat": {"norm": config.norm.value, "eps": list(evaluation.eps), "bounds": list(data.bounds),
-                   "targeted": False},
-        "mode": config.mode,
-        "attack_access": "white-box (gradients)" if loaded.white_box else "black-box (scores only)",
-        "results": results,
-        "worst_case": worst,
-        "certification": {"method": evaluation.certification,
-                          "seconds": round(sum(evaluation.certify_seconds.values()), 4)},
-        "checks": [c.as_dict() for c in found_checks],
-        "model": loaded.describe(),
-        "data": {**data.describe(), "limit": config.limit},
-        "environment": environment(config.load.device),
-        "config": {"suite": _suite_description(config), "attacks": [a.name for a in suite],
-                   "batch_size": config.batch_size, "seed": config.seed,
-                   "precision": config.precision, "check_samples": config.check_samples},
-    }
+    rows = []
+    for eps in completed:
+        worst = evaluation.worst_case(eps)
+        certified, certified_ci95 = _certified(evaluation, eps)
+        rows.append(WorstCaseRow(norm=config.norm.value, eps=eps, robust_accuracy=worst,
+                                 ci95=accuracy_ci(worst, evaluation.n), certified_accuracy=certified,
+                                 certified_ci95=certified_ci95))
+    return tuple(rows)
 
 
-def _suite_description(config: AuditConfig) -> dict[str, Any]:
+def _suite_description(config: AuditConfig) -> SuiteRecord:
     if config.attacks:
-        return {"name": "custom", "summary": "the attacks named with --attack", "caveat": "", "attacks": [
-            {"name": name, "settings": {}} for name in config.attacks]}
-    return get_suite(config.suite).describe()
+        return SuiteRecord("custom", "the attacks named with --attack", "",
+                           tuple(SuiteAttackRecord(name, {}) for name in config.attacks))
+    return SuiteRecord.from_mapping(get_suite(config.suite).describe())
 
 
-def _certified(evaluation: Evaluation, eps: float) -> dict[str, Any]:
-    """The certified accuracy (a proven lower bound) at ``eps``, with its interval, when computed."""
+def _certified(evaluation: Evaluation, eps: float) -> tuple[float | None, tuple[float, float] | None]:
+    """The certified accuracy (a proven lower bound) at ``eps`` and its interval; Nones when not computed."""
     certified = evaluation.certified_accuracy(eps)
     if certified is None:
-        return {"certified_accuracy": None, "certified_ci95": None}
-    bounds = accuracy_with_ci(certified, evaluation.n)
-    return {"certified_accuracy": bounds["robust_accuracy"], "certified_ci95": bounds["ci95"]}
+        return None, None
+    return certified, accuracy_ci(certified, evaluation.n)
 
 
 def per_sample_rows(data: Dataset, evaluation: Evaluation) -> list[dict[str, Any]]:
@@ -259,16 +283,21 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
 
 
 def run_audit(config: AuditConfig) -> dict[str, Any]:
-    """Run the audit and return the report document (also written to ``config.out``).
+    """Run the audit and return the report document (``report.json``; also written to ``config.out``).
 
     Under torchrun every rank returns only after rank 0 has written the report, with the
     process group ended (``distributed_session``).
     """
+    return run_audit_report(config).to_json_dict()
+
+
+def run_audit_report(config: AuditConfig) -> AuditReport:
+    """``run_audit``, returning the typed report."""
     with distributed_session(config.load.device) as dist_ctx, seeded(config.seed, config.load.device):
         return _run_audit(config, dist_ctx)
 
 
-def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
+def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     started = time.perf_counter()
     loaded = load_model(config.model, config.load)
     data = load_dataset(config.data)
@@ -292,14 +321,12 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
     if not suite:
         raise RobustkitError("no attack in the suite can attack this model; name one with --attack")
     writes_files = config.out is not None and dist_ctx.is_main
-    partial: dict[str, Any] = {}
 
     def save_partial(evaluation: Evaluation) -> None:
         if writes_files:
             assert config.out is not None
-            evaluation_copy = dataclasses.replace(evaluation, interrupted=True)
-            partial["report"] = build_report(config, loaded, data, evaluation_copy, [], suite, started)
-            write_report(partial["report"], config.out, render=False)
+            so_far = dataclasses.replace(evaluation, interrupted=True)  # marked incomplete
+            write_report(build_report(config, loaded, data, so_far, [], suite, started), config.out, render=False)
 
     clean_correct = (predict_logits(loaded.model, data.x).argmax(1).cpu() == data.y.cpu())
     chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes)
@@ -310,17 +337,19 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> dict[str, Any]:
         evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
                               cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
                               dist_ctx=dist_ctx, certify=config.certify)
-    report = build_report(config, loaded, data, evaluation, [chance], suite, started)
+    found = [chance]
     if not evaluation.interrupted and config.run_checks and dist_ctx.is_main and evaluation.outcomes:
-        found = run_checks(config, loaded.model, data, evaluation, suite, output_check, report["worst_case"],
-                           output_check.num_classes)
-        report["checks"] = [c.as_dict() for c in [chance, *found]]
-    report["sections"] = [
-        {"title": s.title, "markdown": s.markdown, "plugin": plugin}
-        for plugin, sections in get_host().collect("robustkit_report_sections", report=report)
-        for s in (sections or []) if isinstance(s, ReportSection)
-    ]
-    report["seconds"] = round(time.perf_counter() - started, 2)
+        worst = [row.to_json_dict() for row in worst_case_rows(config, evaluation)]
+        found += run_checks(config, loaded.model, data, evaluation, suite, output_check, worst,
+                            output_check.num_classes)
+    report = build_report(config, loaded, data, evaluation, found, suite, started)
+    # Plugins read the report document (a copy: what they change stays theirs).
+    sections = tuple(
+        Section(s.title, s.markdown, plugin)
+        for plugin, returned in get_host().collect("robustkit_report_sections", report=report.to_json_dict())
+        for s in (returned or []) if isinstance(s, ReportSection)
+    )
+    report = dataclasses.replace(report, sections=sections, seconds=round(time.perf_counter() - started, 2))
     if writes_files:
         assert config.out is not None
         write_report(report, config.out, per_sample_rows(data, evaluation))
