@@ -38,7 +38,7 @@ from robustkit.audit.suites import get_suite
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.environment import environment
-from robustkit.errors import ParamsError, RobustkitError
+from robustkit.errors import OptionError, ParamsError, RobustkitError
 from robustkit.models.base import LoadedModel, LoadOptions
 from robustkit.models.loading import check_model_output, load_model
 from robustkit.modules import predict_logits, seeded
@@ -79,10 +79,10 @@ def parse_eps_list(text: str) -> tuple[float, ...]:
     """``"2/255,4/255,0.1"`` -> floats; each must be >= 0."""
     values = tuple(parse_number(part) for part in text.split(",") if part.strip())
     if not values:
-        raise RobustkitError("--eps needs at least one value, e.g. --eps 2/255,8/255")
+        raise OptionError("--eps needs at least one value, e.g. --eps 2/255,8/255")
     for value in values:
         if value < 0:
-            raise RobustkitError(f"eps must be >= 0, got {value:g}")
+            raise OptionError(f"eps must be >= 0, got {value:g}")
     return values
 
 
