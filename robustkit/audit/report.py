@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from robustkit.audit.checks import Check
-from robustkit.io import atomic_write
+from robustkit.io import write_set
 
 SCHEMA_VERSION = "1.1"
 #: Keys every report.json carries (what readers such as export's ``read_report`` check; the
@@ -399,23 +399,24 @@ schema {esc(report.schema_version)}</small></p>
 """
 
 
-def write_per_sample(path: Path, rows: list[dict[str, Any]]) -> None:
+def per_sample_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["index", "label", "clean_correct", "broken_at_eps", "broken_by",
                                                   "proven_robust_to_eps"])
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def write_report(report: AuditReport, out: Path, per_sample: list[dict[str, Any]] | None = None,
                  *, render: bool = True) -> None:
-    """Write report.json (always), and the rendered files unless ``render`` is False."""
-    atomic_write(out / "report.json", json.dumps(report.to_json_dict(), indent=2, default=str))
+    """Write report.json (always), per_sample.csv, and the rendered files unless ``render`` is
+    False, as one set (``io.write_set``): a failure leaves the previous set whole."""
+    files: dict[str, bytes | str] = {"report.json": json.dumps(report.to_json_dict(), indent=2, default=str)}
     if per_sample is not None:
-        write_per_sample(out / "per_sample.csv", per_sample)
+        files["per_sample.csv"] = per_sample_csv(per_sample)
     if render:
         png = plot_png(report)
-        atomic_write(out / "robustness.png", png)
-        atomic_write(out / "report.md", render_markdown(report))
-        atomic_write(out / "report.html", render_html(report, png))
+        files.update({"robustness.png": png, "report.md": render_markdown(report),
+                      "report.html": render_html(report, png)})
+    write_set(out, files)

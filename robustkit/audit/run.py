@@ -39,6 +39,7 @@ from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.environment import environment
 from robustkit.errors import OptionError, ParamsError, RobustkitError
+from robustkit.io import folder_lock
 from robustkit.models.base import LoadedModel, LoadOptions
 from robustkit.models.loading import check_model_output, load_model
 from robustkit.modules import predict_logits, seeded
@@ -294,7 +295,10 @@ def run_audit(config: AuditConfig) -> dict[str, Any]:
 def run_audit_report(config: AuditConfig) -> AuditReport:
     """``run_audit``, returning the typed report."""
     with distributed_session(config.load.device) as dist_ctx, seeded(config.seed, config.load.device):
-        return _run_audit(config, dist_ctx)
+        if config.out is None or not dist_ctx.is_main:
+            return _run_audit(config, dist_ctx)
+        with folder_lock(config.out, "robustkit audit"):
+            return _run_audit(config, dist_ctx)
 
 
 def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
@@ -340,8 +344,14 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     found = [chance]
     if not evaluation.interrupted and config.run_checks and dist_ctx.is_main and evaluation.outcomes:
         worst = [row.to_json_dict() for row in worst_case_rows(config, evaluation)]
-        found += run_checks(config, loaded.model, data, evaluation, suite, output_check, worst,
-                            output_check.num_classes)
+        try:
+            found += run_checks(config, loaded.model, data, evaluation, suite, output_check, worst,
+                                output_check.num_classes)
+        except KeyboardInterrupt:  # the results stand; the report says the checks are missing
+            evaluation = dataclasses.replace(evaluation, interrupted=True)
+            found.append(checks.Check("sanity checks", "untested",
+                                      "interrupted (Ctrl-C) before the sanity checks finished: none of them ran "
+                                      "to the end, so gradient masking was not looked for"))
     report = build_report(config, loaded, data, evaluation, found, suite, started)
     # Plugins read the report document (a copy: what they change stays theirs).
     sections = tuple(

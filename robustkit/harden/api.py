@@ -33,7 +33,7 @@ from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import RunConfig
 from robustkit.harden.loop import LOG_FILENAME, resolve_device
 from robustkit.harden.recipes import SCALED, get_recipe
-from robustkit.io import atomic_write
+from robustkit.io import atomic_write, folder_lock
 from robustkit.models.base import LoadOptions
 from robustkit.models.loading import check_model_output, load_model
 from robustkit.modules import Normalized, seeded
@@ -249,7 +249,10 @@ def run_harden(request: HardenRequest) -> dict[str, Any]:
     process group ended (``distributed_session``).
     """
     with distributed_session(request.run.device) as world:
-        return _harden(request, world)
+        if request.run.out_dir is None or not world.is_main:
+            return _harden(request, world)
+        with folder_lock(Path(request.run.out_dir), "robustkit harden"):
+            return _harden(request, world)
 
 
 def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
