@@ -3,6 +3,7 @@ the hashes that identify a model in a report."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,5 +62,12 @@ def state_sha256(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def verbose() -> bool:
+    """Whether the user asked for ``-v``: the CLI then sets the root logger to DEBUG. Loaders let
+    third-party libraries (onnxruntime's own log) speak only then."""
+    return logging.getLogger("robustkit").isEnabledFor(logging.DEBUG)
