@@ -3,10 +3,28 @@
 Every data set reaches attacks as float tensors N x C x H x W in the bounds with integer
 labels, and every way that convention can be broken gets a one-line error saying what is
 wrong, where, and how to fix it.
+
+Data files are untrusted input: ``.npz`` archives are read member by member with
+:mod:`zipfile` (never unpickled), every array's declared shape and dtype are checked against
+the member's real size and against :func:`max_array_bytes` before any data is read, and images
+are opened only in the formats their suffixes name, under the same memory cap
+(docs/security.md).
+
+Labels are integer class indices of any integer dtype; their values are checked in that dtype
+before the cast to int64. Float labels are refused, even whole numbers (``y.astype(np.int64)``
+says what you mean).
 """
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import re
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +36,50 @@ from torch import Tensor
 from robustkit.errors import DataError, RobustkitError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: The decoders Pillow may use for those suffixes; no other (EPS would run Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+
+#: Default cap, in bytes, on one array as loaded (a data array, an image folder's images in
+#: all, an ONNX tensor); ``ROBUSTKIT_MAX_ARRAY_BYTES`` overrides it (docs/security.md).
+MAX_ARRAY_BYTES = 4 * 1024**3
+MAX_ARRAY_BYTES_ENV = "ROBUSTKIT_MAX_ARRAY_BYTES"
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def max_array_bytes() -> int:
+    """The cap on one array's size in memory: ``ROBUSTKIT_MAX_ARRAY_BYTES`` or 4 GiB.
+
+    The variable takes bytes, or a number with a binary unit: ``8G``, ``512M``, ``1.5T``.
+    """
+    text = os.environ.get(MAX_ARRAY_BYTES_ENV, "").strip()
+    if not text:
+        return MAX_ARRAY_BYTES
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?", text.lower())
+    if not match or float(match[1]) * _UNITS[match[2]] < 1:
+        raise RobustkitError(
+            f"{MAX_ARRAY_BYTES_ENV}={text!r} is not a size; give bytes or a number with a unit, e.g. 8G or 512M"
+        )
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def format_bytes(count: int | float) -> str:
+    """``4 GiB``, ``3.64 TiB``: a byte count for messages."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def over_limit(what: str, size: int) -> str | None:
+    """A message for ``what`` needing ``size`` bytes, or None when it is within the cap."""
+    cap = max_array_bytes()
+    if size <= cap:
+        return None
+    enough = f"{-(-size // 1024**3)}G" if size >= 1024**3 else f"{-(-size // 1024**2)}M"
+    return (f"{what} needs {format_bytes(size)}, over robustkit's limit of {format_bytes(cap)} per array "
+            f"(set {MAX_ARRAY_BYTES_ENV}={enough} or more if you trust the file and have the memory)")
 
 
 @dataclass
@@ -55,9 +117,11 @@ class Dataset:
         """Check both splits against the convention; ``num_classes`` is the model's."""
         classes = num_classes or self.num_classes
         validate_split(self.x, self.y, bounds=self.bounds, num_classes=classes, where=f"{self.name} (eval split)")
+        self.y = self.y.long()  # checked above: any integer dtype whose values are class indices
         if self.x_train is not None and self.y_train is not None:
             validate_split(self.x_train, self.y_train, bounds=self.bounds, num_classes=classes,
                            where=f"{self.name} (train split)")
+            self.y_train = self.y_train.long()
             if self.x_train.shape[1:] != self.x.shape[1:]:
                 raise DataError(
                     f"{self.name}: train inputs have shape {tuple(self.x_train.shape[1:])} but eval inputs "
@@ -106,16 +170,18 @@ def validate_split(x: Tensor, y: Tensor, *, bounds: tuple[float, float], num_cla
             f"[{low:g}, {high:g}] (first at input {index}); scale inputs into the bounds and put any "
             "normalisation inside the model with --mean/--std"
         )
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise DataError(f"{where}: labels have dtype {y.dtype}; give integer class indices")
     if y.dim() != 1 or len(y) != len(x):
         raise DataError(f"{where}: labels have shape {tuple(y.shape)}; expected ({len(x)},), one per input")
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        raise DataError(
-            f"{where}: label {int(y[index])} at index {index} is outside the {num_classes} classes 0..{num_classes - 1}"
-        )
+    # compared in numpy, in the labels' own dtype: no cast can wrap a uint64 or overflow num_classes
+    labels = y.detach().cpu().numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes) | (labels > np.iinfo(np.int64).max))
+    if len(bad):
+        index = int(bad[0])
+        classes = (f"{num_classes} classes 0..{num_classes - 1}" if num_classes > 1
+                   else "1 class 0" if num_classes == 1 else "classes (there are none)")
+        raise DataError(f"{where}: label {labels[index].item()} at index {index} is outside the {classes}")
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
@@ -142,75 +208,280 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     )
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+@dataclass(frozen=True)
+class _NpyMember:
+    """One array of an ``.npz``, as its ``.npy`` header declares it (no data read yet)."""
+
+    key: str
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran_order: bool
+    data_offset: int
+
+    def rows(self, limit: int | None) -> tuple[int, ...]:
+        """The shape read for ``limit`` leading rows (C order only; Fortran arrays are read whole)."""
+        if limit is None or not self.shape or self.fortran_order or limit >= self.shape[0]:
+            return self.shape
+        return (limit, *self.shape[1:])
+
+
+def _open_npz(path: Path) -> zipfile.ZipFile:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    if not head:
+        raise DataError(f"{path}: the file is empty; save arrays with np.savez(path, x=x, y=y)")
+    if head.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path}: holds a single .npy array, not an .npz archive; save with np.savez(path, x=x, y=y)")
+    if head[:1] == b"\x80":
+        raise DataError(f"{path}: holds pickled objects, not an .npz archive (robustkit never unpickles data); "
+                        "save plain arrays with np.savez")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz archive ({_one_line(err)}); it is truncated, corrupt, or not "
+                        "written by np.savez") from None
+
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError)
+
+
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, path: Path) -> _NpyMember:
+    """The declared shape and dtype of one member, read without decompressing its data."""
+    from numpy.lib import format as npy
+
+    try:
+        with archive.open(info) as stream:
+            version = npy.read_magic(stream)
+            if version == (1, 0):
+                shape, fortran_order, dtype = npy.read_array_header_1_0(stream)
+            elif version in ((2, 0), (3, 0)):  # 3.0 only allows utf-8 field names, which we refuse anyway
+                shape, fortran_order, dtype = npy.read_array_header_2_0(stream)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+            offset = stream.tell()
+    except (ValueError, SyntaxError, TypeError) as err:
+        raise DataError(f"{path}: array {key!r} is not a readable .npy array ({_one_line(err)}); "
+                        "save plain arrays with np.savez") from None
+    except _ZIP_ERRORS as err:
+        raise DataError(f"{path}: cannot read array {key!r} from the archive ({_one_line(err)}); "
+                        "the file is corrupt") from None
+    member = _NpyMember(key, info, tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran_order), offset)
+    if member.dtype.hasobject:
+        raise DataError(f"{path}: array {key!r} holds pickled objects (dtype {member.dtype}); robustkit never "
+                        "unpickles data: save plain arrays with np.savez")
+    declared = math.prod(member.shape) * member.dtype.itemsize
+    available = max(info.file_size - offset, 0)
+    if declared > available:
+        raise DataError(
+            f"{path}: array {key!r} is truncated: its header declares shape {member.shape} {member.dtype} "
+            f"({format_bytes(declared)}) but the archive holds {format_bytes(available)} of it; save it again"
+        )
+    return member
+
+
+def _check_dtype(member: _NpyMember, where: str) -> None:
+    kind = member.dtype.kind
+    if member.key.startswith("x"):
+        if member.dtype != np.uint8 and kind != "f":
+            raise DataError(f"{where}: {member.key} has dtype {member.dtype}; give floats in [0, 1] or uint8 images")
+    elif kind not in "iu":
+        hint = " (y.astype(np.int64) if they are whole numbers)" if kind == "f" else ""
+        raise DataError(f"{where}: {member.key} has dtype {member.dtype}; give integer class indices{hint}")
+
+
+def _loaded_bytes(member: _NpyMember, limit: int | None) -> int:
+    """What the array costs in memory as read and as converted (float32 inputs, int64 labels)."""
+    converted = 4 if member.key.startswith("x") else 8
+    return math.prod(member.rows(limit)) * max(member.dtype.itemsize, converted)
+
+
+_CHUNK = 16 << 20
+
+
+def _read_npy(archive: zipfile.ZipFile, member: _NpyMember, path: Path, limit: int | None) -> np.ndarray:
+    """The member's data (its first ``limit`` rows where it is C-ordered), decompressed in chunks."""
+    shape = member.rows(limit)
+    array = np.empty(math.prod(shape), dtype=member.dtype)
+    buffer = array.view(np.uint8).reshape(-1)
+    filled = 0
+    try:
+        with archive.open(member.info) as stream:
+            stream.seek(member.data_offset)
+            while filled < len(buffer):
+                chunk = stream.read(min(_CHUNK, len(buffer) - filled))
+                if not chunk:
+                    break
+                buffer[filled:filled + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                filled += len(chunk)
+    except _ZIP_ERRORS as err:
+        raise DataError(f"{path}: array {member.key!r} is corrupt ({_one_line(err)}); save it again") from None
+    if filled < len(buffer):
+        raise DataError(f"{path}: array {member.key!r} is truncated: {format_bytes(filled)} of the "
+                        f"{format_bytes(len(buffer))} its header declares; save it again")
+    if member.fortran_order:
+        array = array.reshape(shape[::-1]).transpose()
+        return array[:limit] if limit is not None and array.ndim else array
+    return array.reshape(shape)
+
+
 def _as_float_inputs(array: np.ndarray, where: str) -> Tensor:
     if array.dtype == np.uint8:
         return torch.from_numpy(array.astype(np.float32) / 255.0)
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"{where}: x has dtype {array.dtype}; give floats in [0, 1] or uint8 images")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return torch.from_numpy(np.asarray(array, dtype=np.float32, order="C"))
 
 
-def _as_labels(array: np.ndarray, where: str) -> Tensor:
+def _as_labels(array: np.ndarray, where: str, key: str = "y") -> Tensor:
+    """int64 labels, checked in their own dtype first: uint64 values past int64 would wrap."""
     if not np.issubdtype(array.dtype, np.integer):
-        raise DataError(f"{where}: y has dtype {array.dtype}; give integer class indices")
-    return torch.from_numpy(array.astype(np.int64))
+        raise DataError(f"{where}: {key} has dtype {array.dtype}; give integer class indices")
+    if array.size and array.dtype.kind == "u" and array.dtype.itemsize >= 8:
+        too_large = np.flatnonzero(array > np.iinfo(np.int64).max)
+        if len(too_large):
+            index = int(too_large[0])
+            raise DataError(f"{where}: label {array.flat[index].item()} at index {index} of {key!r} is too large "
+                            "for a class index; give class indices 0..K-1 for K classes")
+    return torch.from_numpy(np.asarray(array, dtype=np.int64, order="C"))
 
 
-def _read(archive: Any, key: str, path: Path) -> np.ndarray:
-    """One array of an open ``.npz``; numpy reads arrays lazily, so object arrays fail here."""
-    try:
-        return archive[key]
-    except ValueError as err:
-        raise DataError(
-            f"{path}: array {key!r} holds pickled objects ({err}); save plain arrays with np.savez"
-        ) from None
+def load_npz(path: Path, limit: int | None = None) -> Dataset:
+    """``x``/``y`` (evaluation) and optionally ``x_train``/``y_train``; never unpickles.
+
+    Every array's ``.npy`` header is read first (shape, dtype) and checked against the data the
+    archive holds and against :func:`max_array_bytes`, so a truncated array or a small file
+    that inflates to gigabytes is refused before its data is read. With ``limit`` only the
+    first ``limit`` evaluation samples are read and the training split is left out (for
+    audits); the class count still comes from all labels of both splits.
+    """
+    where = str(path)
+    with _open_npz(path) as archive:
+        infos: dict[str, zipfile.ZipInfo] = {}
+        for info in archive.infolist():
+            if not info.is_dir():
+                infos.setdefault(info.filename[:-4] if info.filename.endswith(".npy") else info.filename, info)
+        if not {"x", "y"} <= infos.keys():
+            raise DataError(f"{path}: needs arrays 'x' and 'y' (has: {', '.join(sorted(infos)) or 'none'})")
+        train = {"x_train", "y_train"} <= infos.keys()
+        keys = ["x", "y", *(["x_train", "y_train"] if train else [])]
+        members = {key: _npy_header(archive, infos[key], key, path) for key in keys}
+        wanted = {"x": limit, "y": None, "x_train": None, "y_train": None}  # all labels: they give the class count
+        if limit is not None:
+            wanted.pop("x_train")
+        for key, rows in wanted.items():
+            if key in members:
+                _check_dtype(members[key], where)
+                message = over_limit(f"{path}: array {key!r} of shape {members[key].rows(rows)} "
+                                     f"{members[key].dtype}", _loaded_bytes(members[key], rows))
+                if message:
+                    raise DataError(message)
+        arrays = {key: _read_npy(archive, members[key], path, rows) for key, rows in wanted.items() if key in members}
+    x = _as_float_inputs(arrays["x"], where)
+    y = _as_labels(arrays["y"], where, "y")
+    y_train = _as_labels(arrays["y_train"], where, "y_train") if train else None
+    labels = torch.cat([y.flatten()] + ([y_train.flatten()] if y_train is not None else []))
+    num_classes = max(int(labels.max()), 0) + 1 if len(labels) else 0
+    if limit is not None:
+        return Dataset(path.stem, x, y[:limit] if y.dim() else y, num_classes, source=where)
+    x_train = _as_float_inputs(arrays["x_train"], where) if train else None
+    return Dataset(path.stem, x, y, num_classes, x_train, y_train, source=where)
 
 
-def load_npz(path: Path) -> Dataset:
-    """``x``/``y`` (evaluation) and optionally ``x_train``/``y_train``; never unpickles."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise DataError(f"{path}: holds pickled objects ({err}); save plain arrays with np.savez") from None
-    except Exception as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
-    with archive:
-        keys = set(archive.files)
-        if not {"x", "y"} <= keys:
-            raise DataError(f"{path}: needs arrays 'x' and 'y' (has: {', '.join(sorted(keys)) or 'none'})")
-        x = _as_float_inputs(_read(archive, "x", path), str(path))
-        y = _as_labels(_read(archive, "y", path), str(path))
-        x_train = y_train = None
-        if "x_train" in keys and "y_train" in keys:
-            x_train = _as_float_inputs(_read(archive, "x_train", path), str(path))
-            y_train = _as_labels(_read(archive, "y_train", path), str(path))
-    labels = torch.cat([y] + ([y_train] if y_train is not None else []))
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
-    return Dataset(path.stem, x, y, num_classes, x_train, y_train, source=str(path))
+def _pixel_limit() -> int:
+    """Most pixels in one image: the array cap over 12 bytes (three float32 channels)."""
+    return max(1, max_array_bytes() // 12)
 
 
-def load_image_folder(path: Path) -> Dataset:
-    """One sub-folder per class (sorted names are the classes); images must share one size."""
+@contextmanager
+def _image_limits() -> Iterator[int]:
+    """Pillow's decompression-bomb limit set to robustkit's, its warning turned into an error."""
     from PIL import Image
 
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit = _pixel_limit()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield limit
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_image(file: Path, max_pixels: int) -> np.ndarray:
+    """One image as H x W x C floats in [0, 1], or a one-line ``DataError`` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if file.stat().st_size == 0:
+            raise DataError(f"{file}: the image file is empty (0 bytes); remove it or save it again")
+        with Image.open(file, formats=IMAGE_FORMATS) as image:
+            mode = "L" if image.mode in ("L", "1", "I", "I;16") else "RGB"
+            array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        size = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{int(size[1]):,} pixels" if size else "more pixels than allowed"
+        raise DataError(
+            f"{file}: refusing an image of {pixels}, over robustkit's limit of {max_pixels:,} pixels (a decompression "
+            f"bomb?); set {MAX_ARRAY_BYTES_ENV} to raise it if you trust the image"
+        ) from None
+    except UnidentifiedImageError:
+        raise DataError(f"{file}: not a readable image (no {'/'.join(IMAGE_FORMATS)} decoder recognises it); "
+                        "remove it or convert it") from None
+    except OSError as err:
+        if err.filename is not None:  # opening it failed (permissions, ...), not decoding it
+            raise DataError(f"{file}: cannot read the file ({err.strerror or _one_line(err)})") from None
+        raise DataError(f"{file}: cannot decode the image ({_one_line(err)}); it is truncated or corrupt") from None
+    except DataError:
+        raise
+    except Exception as err:  # Pillow's decoders raise SyntaxError, ValueError, struct.error, ...
+        raise DataError(f"{file}: cannot decode the image ({type(err).__name__}: {_one_line(err)}); "
+                        "it is truncated or corrupt") from None
+    return array if array.ndim == 3 else array[..., None]
+
+
+def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
+    """One sub-folder per class (sorted names are the classes); images must share one size.
+
+    Only regular files with an image suffix are read, each only by the decoder of an image
+    format (never a plug-in that runs a program, such as EPS through Ghostscript), under
+    :func:`max_array_bytes` for every image and for all of them together. With ``limit``
+    only the first ``limit`` images (in class, then file-name order) are decoded.
+    """
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path}: an image folder needs one sub-folder per class")
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     size = None
-    for index, name in enumerate(classes):
-        for file in sorted((path / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(file) as image:
-                mode = "L" if image.mode in ("L", "1", "I", "I;16") else "RGB"
-                array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-            if size is None:
-                size = array.shape
-            if array.shape != size:
-                raise DataError(f"{file}: size {array.shape} differs from {size}; resize all images to one size")
-            images.append(array if array.ndim == 3 else array[..., None])
-            labels.append(index)
+    total = 0
+    with _image_limits() as max_pixels:
+        for index, name in enumerate(classes):
+            for file in sorted((path / name).iterdir()):
+                if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
+                    continue  # notes, sub-folders, and pipes or devices that would block or never end
+                if limit is not None and len(images) >= limit:
+                    break
+                array = _read_image(file, max_pixels)
+                if size is None:
+                    size = array.shape
+                if array.shape != size:
+                    raise DataError(f"{file}: size {array.shape[:2]} differs from {size[:2]} (or its channels do); "
+                                    "resize all images to one size")
+                total += array.nbytes
+                message = over_limit(f"{path}: the images up to {file.name}", total)
+                if message:
+                    raise DataError(message)
+                images.append(array)
+                labels.append(index)
     if not images:
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -218,20 +489,27 @@ def load_image_folder(path: Path) -> Dataset:
     return Dataset(path.name, x, y, len(classes), class_names=classes, source=str(path))
 
 
-def load_dataset(ref: str) -> Dataset:
+def load_dataset(ref: str, limit: int | None = None) -> Dataset:
     """A data set from a path (``.npz``, image folder) or a registered name (``builtin:digits``).
 
     ``builtin:NAME`` and a bare ``NAME`` resolve in the data-set registry (built-in first);
     ``provider:NAME`` is exact. The result is validated before it is returned.
+
+    ``limit`` keeps the first ``limit`` evaluation samples and no training split (what an
+    audit with ``--limit`` needs); files are then read only as far as those samples.
     """
     from robustkit.plugin.host import get_host
 
+    if limit is not None and limit < 1:
+        raise RobustkitError(f"--limit must be >= 1, got {limit}")
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_dir():
-            dataset = load_image_folder(path)
+            dataset = load_image_folder(path, limit)
         elif path.suffix == ".npz":
-            dataset = load_npz(path)
+            if not path.is_file():
+                raise RobustkitError(f"{ref}: not a regular file; give a .npz with x and y, or an image folder")
+            dataset = load_npz(path, limit)
         else:
             raise RobustkitError(f"{ref}: unsupported data file; give a .npz with x and y, or an image folder")
     else:
@@ -240,4 +518,8 @@ def load_dataset(ref: str) -> Dataset:
             raise RobustkitError(f"data {ref!r} does not exist")
         entry = get_host().datasets.resolve(name)
         dataset = entry.obj()
+    if limit is not None:  # 0-d arrays stay as they are, for validate() to name
+        dataset.x = dataset.x[:limit] if dataset.x.dim() else dataset.x
+        dataset.y = dataset.y[:limit] if dataset.y.dim() else dataset.y
+        dataset.x_train = dataset.y_train = None
     return dataset.validate()

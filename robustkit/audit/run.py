@@ -304,7 +304,7 @@ def run_audit_report(config: AuditConfig) -> AuditReport:
 def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     started = time.perf_counter()
     loaded = load_model(config.model, config.load)
-    data = load_dataset(config.data)
+    data = load_dataset(config.data, limit=config.limit)  # only what --limit needs is read
     if config.limit is not None:
         if config.limit < 1:
             raise RobustkitError(f"--limit must be >= 1, got {config.limit}")

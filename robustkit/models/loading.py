@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,8 @@ def build_architecture(spec: str) -> nn.Module:
 
 
 def load_state_dict_strict(net: nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line explanation of any mismatch."""
+    """``load_state_dict(strict=True)`` with a one-line explanation of any mismatch: keys and
+    shapes first, then dtypes that cannot hold the values (``check_state_dtypes``)."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -81,7 +83,33 @@ def load_state_dict_strict(net: nn.Module, state: dict[str, Tensor], source: str
             f"weights in {source} do not fit --arch {arch}: {'; '.join(parts)}; "
             "pass the architecture they were saved from"
         )
+    check_state_dtypes(own, state, source, arch)
     net.load_state_dict(state, strict=True)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def check_state_dtypes(own: dict[str, torch.Tensor], state: dict[str, Any], source: str, arch: str) -> None:
+    """Refuse a tensor whose dtype cannot hold the values of the parameter or buffer it fills.
+
+    Precision may differ (float16, bfloat16 or float64 weights into float32 parameters); the
+    kind may not: integer or bool tensors in float parameters, floats in integer buffers such
+    as BatchNorm's ``num_batches_tracked``, would be cast silently into other numbers.
+    """
+    for key, target in own.items():
+        given = state.get(key)
+        if isinstance(given, torch.Tensor) and _dtype_kind(given.dtype) != _dtype_kind(target.dtype):
+            raise RobustkitError(
+                f"weights in {source} do not fit --arch {arch}: tensor {key!r} is {given.dtype} but the architecture "
+                f"holds {target.dtype} there, and {_dtype_kind(given.dtype)} values are not "
+                f"{_dtype_kind(target.dtype)} weights; save the model's own state_dict() without casting it"
+            )
 
 
 def _parse_floats(values: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -123,6 +151,8 @@ def check_model_output(model: Model, x: Tensor, num_classes: int | None = None) 
     probe = x[: min(len(x), 16)].to(model_device(model))
     try:
         out = predict_logits(model, probe)
+    except RobustkitError:
+        raise  # already one line naming the file
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RobustkitError(f"the model fails on inputs of shape {tuple(probe.shape[1:])}: {reason}") from None

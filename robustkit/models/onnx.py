@@ -9,15 +9,19 @@ through onnxruntime. Imported only when an ``.onnx`` file is loaded, so ``onnx``
 """
 from __future__ import annotations
 
+import math
+import re
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustkit.data import format_bytes, over_limit
 from robustkit.errors import RobustkitError
-from robustkit.models.base import LoadedModel, LoadOptions, file_sha256
+from robustkit.models.base import LoadedModel, LoadOptions, file_sha256, verbose
 from robustkit.modules import predict_logits
 
 #: Operator domains onnxruntime implements itself; anything else needs custom (native) code.
@@ -28,21 +32,96 @@ CONVERSION_RTOL = 1e-3
 RUNTIME_NOTE = "run by onnxruntime: scores only, no gradients (black-box attacks)"
 
 
+def runtime_reason(err: BaseException) -> str:
+    """onnxruntime's error in one line, without its status prefix and C++ source locations."""
+    text = str(err).strip()
+    allocation = re.search(r"while running (\w+) node.*?requested buffer of size (\d+)", text, re.DOTALL)
+    if allocation:
+        return f"its {allocation[1]} node asks for {format_bytes(int(allocation[2]))} of memory"
+    if isinstance(err, MemoryError) or not text:
+        return type(err).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text.splitlines()[0])
+    text = re.sub(r"/onnxruntime_src/\S+ [^)]*\) ", "", text)
+    return text[:200]
+
+
 class OnnxPredictor:
-    """Batched onnxruntime inference with torch tensors in and out (no gradients)."""
+    """Batched onnxruntime inference with torch tensors in and out (no gradients).
+
+    onnxruntime logs only fatal errors unless robustkit runs with ``-v``: its failures reach
+    the user as robustkit's one-line errors naming the file.
+    """
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
+        level = 2 if verbose() else 4  # 2: warnings and errors; 4: fatal only
+        ort.set_default_logger_severity(level)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        options.log_severity_level = level
+        self.name = path.name
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's Fail, InvalidGraph, RuntimeException..., MemoryError
+            raise RobustkitError(f"{path.name}: onnxruntime cannot load the graph ({runtime_reason(err)})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: Tensor) -> Tensor:
         array = x.detach().cpu().float().numpy()
-        (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[:1]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+        try:
+            (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[:1]
+            return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+        except Exception as err:
+            raise RobustkitError(f"{self.name}: onnxruntime fails running the graph ({runtime_reason(err)})") from None
+
+
+def _dtype_size(data_type: int) -> int:
+    from onnx import helper
+
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
+    except Exception:  # strings and types numpy lacks: count a byte per element
+        return 1
+
+
+def check_onnx_sizes(model: Any, path: Path) -> None:
+    """Refuse tensors, and constant-shaped ``ConstantOfShape``/``Expand`` outputs, whose declared
+    size is over robustkit's array cap: before onnxruntime or the torch conversion allocates them."""
+    import onnx
+    from onnx import numpy_helper
+
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        size = math.prod(int(d) for d in tensor.dims) * _dtype_size(tensor.data_type)
+        message = over_limit(f"refusing {path.name}: tensor {tensor.name!r} of shape {tuple(tensor.dims)}", size)
+        if message:
+            raise RobustkitError(message)
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if value is not None and node.output:
+                constants[node.output[0]] = value
+    for node in model.graph.node:
+        if node.op_type not in ("ConstantOfShape", "Expand"):
+            continue
+        index = 0 if node.op_type == "ConstantOfShape" else 1
+        shape_tensor = constants.get(node.input[index]) if len(node.input) > index else None
+        if shape_tensor is None:
+            continue
+        try:
+            shape = [int(v) for v in numpy_helper.to_array(shape_tensor).reshape(-1)]
+        except Exception:
+            continue  # onnx.checker reports a malformed tensor
+        item = 4
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if value is not None:
+            item = _dtype_size(value.data_type)
+        size = math.prod(max(v, 0) for v in shape) * item
+        name = node.name or (node.output[0] if node.output else "")
+        what = f"refusing {path.name}: its {node.op_type} node {name!r} makes a tensor of shape {tuple(shape)} that"
+        message = over_limit(what, size)
+        if message:
+            raise RobustkitError(message)
 
 
 def check_onnx_file(path: Path) -> None:
@@ -53,7 +132,10 @@ def check_onnx_file(path: Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:
-        raise RobustkitError(f"{path.name} is not a valid ONNX file ({type(err).__name__})") from None
+        raise RobustkitError(f"{path.name} is not a valid ONNX file ({type(err).__name__}: it is truncated, "
+                             "corrupt, or not an ONNX model)") from None
+    if not model.graph.node and not model.graph.output:
+        raise RobustkitError(f"{path.name} is not a valid ONNX file (it holds no graph)")
     folder = path.parent.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if uses_external_data(tensor):
@@ -71,6 +153,7 @@ def check_onnx_file(path: Path) -> None:
             f"refusing {path.name}: it uses custom operator domain(s) {', '.join(custom)}, which need native "
             "code outside the graph; export with standard ONNX operators"
         )
+    check_onnx_sizes(model, path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as err:
@@ -152,7 +235,11 @@ def choose_access(loaded: LoadedModel, x: Tensor, *, device: str = "cpu", black_
     except Exception as err:  # unsupported operators surface as many error types
         raise RobustkitError(f"{loaded.source}: no white-box conversion to torch ({_one_line(err)}); {fixes}") from err
     expected = predict_logits(loaded.model, x)
-    got = predict_logits(converted, x).cpu()
+    try:
+        got = predict_logits(converted, x).cpu()
+    except Exception as err:  # e.g. MemoryError from a graph that asks for more than the machine has
+        raise RobustkitError(f"{loaded.source}: its torch conversion fails on the data ({_one_line(err)}); "
+                             f"{fixes}") from None
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     agree = float((got.argmax(1) == expected.argmax(1)).float().mean()) if got.shape == expected.shape else 0.0
     if agree < 1.0 or not diff <= CONVERSION_RTOL * max(1.0, float(expected.abs().max())):
