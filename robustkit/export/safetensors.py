@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
 from robustkit.export.run import METADATA_KEY, Exporter, ExportResult
-from robustkit.models.base import file_sha256
+from robustkit.models.base import INPUT_METADATA_KEY, file_sha256, input_metadata
 from robustkit.models.loading import load_state_dict_strict
 from robustkit.modules import Model, Normalized
 
@@ -48,7 +48,13 @@ class SafetensorsExporter(Exporter):
         net, normalisation = _unwrap(model)
         state = {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
         try:
-            save_file(state, str(path), metadata={METADATA_KEY: json.dumps(metadata, default=str)})
+            declared = (tuple(normalisation["mean"]), tuple(normalisation["std"])) if normalisation else None
+            shape = metadata.get("input", {})
+            save_file(state, str(path), metadata={
+                METADATA_KEY: json.dumps(metadata, default=str),
+                INPUT_METADATA_KEY: input_metadata(declared, tuple(shape.get("bounds", (0.0, 1.0))),
+                                                   tuple(shape.get("shape", ())), None),
+            })
         except RuntimeError as err:  # tensors that share memory (tied weights)
             raise RobustkitError(f"safetensors cannot store these weights: {str(err).splitlines()[0]}") from None
         card = path.with_suffix(".json")

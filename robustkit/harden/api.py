@@ -34,7 +34,7 @@ from robustkit.harden.config import RunConfig
 from robustkit.harden.loop import LOG_FILENAME, resolve_device
 from robustkit.harden.recipes import SCALED, get_recipe
 from robustkit.io import atomic_write, folder_lock
-from robustkit.models.base import LoadOptions
+from robustkit.models.base import INPUT_METADATA_KEY, LoadedModel, LoadOptions, input_metadata
 from robustkit.models.loading import check_model_output, load_model
 from robustkit.modules import Normalized, seeded
 from robustkit.params import coerce
@@ -162,9 +162,10 @@ def audit(
     }
 
 
-def _weights(model: nn.Module, request: HardenRequest) -> dict[str, torch.Tensor]:
-    """What ``--arch`` rebuilds: the inner network when ``--mean/--std`` added the wrapper."""
-    net = model.net if isinstance(model, Normalized) and request.mean is not None else model
+def _weights(model: nn.Module, loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """What ``--arch`` rebuilds: the inner network when loading added the normalisation wrapper
+    (its mean/std go into the file's metadata instead)."""
+    net = model.net if isinstance(model, Normalized) and loaded.normalisation is not None else model
     assert isinstance(net, nn.Module)
     return {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
 
@@ -299,7 +300,7 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
     if world.is_main:
         if run.resume:
             atomic_write(out / "config.json", config)
-        _write_outputs(out, request, result, summary, defence_name, threat)
+        _write_outputs(out, request, result, summary, defence_name, threat, loaded, data)
     return summary
 
 
@@ -355,13 +356,16 @@ def _write_outputs(
     summary: dict[str, Any],
     defence_name: str,
     threat: ThreatModel,
+    loaded: LoadedModel,
+    data: Dataset,
 ) -> None:
     from safetensors.torch import save
 
-    atomic_write(
-        out / "model.safetensors",
-        save(_weights(result.model, request), metadata={"robustkit": json.dumps(summary["after"])}),
-    )
+    metadata = {
+        "robustkit": json.dumps(summary["after"]),
+        INPUT_METADATA_KEY: input_metadata(loaded.normalisation, data.bounds, data.input_shape, data.num_classes),
+    }
+    atomic_write(out / "model.safetensors", save(_weights(result.model, loaded), metadata=metadata))
     if result.history:
         atomic_write(
             out / "curves.png",

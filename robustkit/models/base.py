@@ -3,6 +3,7 @@ the hashes that identify a model in a report."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,21 @@ class LoadOptions:
     device: str = "cpu"
 
 
+#: safetensors metadata key of the input convention robustkit writes beside hardened or exported
+#: weights: mean/std (the normalisation outside the saved network), bounds, input shape, classes
+INPUT_METADATA_KEY = "robustkit.input"
+#: (mean, std) per channel
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def input_metadata(normalisation: Normalisation | None, bounds: tuple[float, float],
+                   input_shape: tuple[int, ...], num_classes: int | None) -> str:
+    """The ``INPUT_METADATA_KEY`` document (JSON) for weights saved without their normalisation."""
+    mean, std = normalisation if normalisation is not None else (None, None)
+    return json.dumps({"mean": list(mean) if mean else None, "std": list(std) if std else None,
+                       "bounds": list(bounds), "input_shape": list(input_shape), "num_classes": num_classes})
+
+
 @dataclass
 class LoadedModel:
     """A loaded model and where it came from (the ``model`` block of a report)."""
@@ -33,6 +49,10 @@ class LoadedModel:
     sha256: str
     trusted_code: bool = False  #: True when a file that can run code was opened
     notes: list[str] = field(default_factory=list)
+    #: the mean/std the file's metadata says its network expects (robustkit's own safetensors)
+    declared_normalisation: Normalisation | None = None
+    #: the mean/std ``load_model`` wrapped around the network (from --mean/--std or the file)
+    normalisation: Normalisation | None = None
 
     @property
     def white_box(self) -> bool:

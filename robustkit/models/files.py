@@ -9,6 +9,7 @@ the problem (docs/security.md).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import pickletools
@@ -24,7 +25,14 @@ import torch
 from torch import nn
 
 from robustkit.errors import RobustkitError, UnsafeFileError
-from robustkit.models.base import LoadedModel, LoadOptions, file_sha256, state_sha256
+from robustkit.models.base import (
+    INPUT_METADATA_KEY,
+    LoadedModel,
+    LoadOptions,
+    Normalisation,
+    file_sha256,
+    state_sha256,
+)
 from robustkit.models.loading import SAFE_FORMATS, build_architecture, load_state_dict_strict
 
 log = logging.getLogger(__name__)
@@ -207,14 +215,35 @@ def _load_builtin(ref: str) -> LoadedModel:
 
 
 def _load_safetensors(path: Path, options: LoadOptions) -> LoadedModel:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with _quiet():
             state = load_file(str(path))
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
     except Exception as err:  # SafetensorError, OSError, ValueError, unknown dtypes, ...
         raise RobustkitError(f"{path.name} is not a valid safetensors file ({_one_line(err)})") from None
-    return _from_state_dict(path, state, options, "safetensors")
+    loaded = _from_state_dict(path, state, options, "safetensors")
+    loaded.declared_normalisation = _declared_normalisation(path, metadata)
+    return loaded
+
+
+def _declared_normalisation(path: Path, metadata: dict[str, str]) -> Normalisation | None:
+    """The mean/std robustkit wrote beside the weights (``INPUT_METADATA_KEY``), if any."""
+    text = metadata.get(INPUT_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        document = json.loads(text)
+        mean, std = document.get("mean"), document.get("std")
+        if mean is None and std is None:
+            return None
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (ValueError, TypeError, AttributeError):
+        raise RobustkitError(f"{path.name}: its {INPUT_METADATA_KEY!r} metadata is not robustkit's "
+                             "(mean and std lists); re-save the weights or strip the metadata") from None
 
 
 def _not_readable(path: Path, err: BaseException) -> RobustkitError:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-from robustkit.models.base import LoadedModel, LoadOptions
+from robustkit.models.base import LoadedModel, LoadOptions, Normalisation
 from robustkit.modules import Model, Normalized, model_device, predict_logits
 
 log = logging.getLogger(__name__)
@@ -126,14 +126,34 @@ def load_model(ref: str, options: LoadOptions | None = None) -> LoadedModel:
     loaded: LoadedModel | None = get_host().first_result("robustkit_load_model", ref=ref, options=options)
     if loaded is None:
         raise RobustkitError(f"no loader recognises {ref!r}; use {SAFE_FORMATS}")
-    if options.mean is not None and options.std is not None:
+    normalisation = _normalisation(ref, options, loaded)
+    if normalisation is not None:
         if not isinstance(loaded.model, nn.Module):
             raise RobustkitError("--mean/--std need a torch model; put the normalisation inside the ONNX graph")
-        loaded.model = Normalized(loaded.model, options.mean, options.std)
-        loaded.notes.append(f"inputs normalised inside the model: mean={list(options.mean)}, std={list(options.std)}")
+        mean, std = normalisation
+        loaded.model = Normalized(loaded.model, mean, std)
+        loaded.normalisation = normalisation
+        origin = "--mean/--std" if options.mean is not None else "the file's metadata"
+        loaded.notes.append(f"inputs normalised inside the model ({origin}): mean={list(mean)}, std={list(std)}")
     if isinstance(loaded.model, nn.Module):
         loaded.model = loaded.model.to(options.device).eval()
     return loaded
+
+
+def _normalisation(ref: str, options: LoadOptions, loaded: LoadedModel) -> Normalisation | None:
+    """--mean/--std, else what the file declares; a flag that contradicts the file is an error
+    (weights hardened on normalised inputs audited with other statistics give wrong numbers)."""
+    given = (tuple(options.mean), tuple(options.std)) if options.mean is not None and options.std is not None else None
+    declared = loaded.declared_normalisation
+    if given is not None and declared is not None and not all(
+        len(a) == len(b) and all(abs(u - v) <= 1e-6 * max(1.0, abs(v)) for u, v in zip(a, b))
+        for a, b in zip(given, declared)
+    ):
+        raise RobustkitError(
+            f"--mean/--std {list(given[0])}/{list(given[1])} contradict {ref}'s own normalisation "
+            f"{list(declared[0])}/{list(declared[1])} (in its metadata); drop --mean/--std"
+        )
+    return given or declared
 
 
 @dataclass(frozen=True)
