@@ -16,6 +16,7 @@ says what you mean).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -128,6 +129,17 @@ class Dataset:
                     f"{tuple(self.x.shape[1:])}; both splits need the same C x H x W"
                 )
         return self
+
+    def split(self, fraction: float = 0.2, seed: int = 0) -> Dataset:
+        """This evaluation-only data set as a seeded training split and a held-out ``fraction``
+        for evaluation (the same for a given seed, class proportions left to chance)."""
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(seed))
+        held = max(1, round(fraction * len(order)))
+        if held >= len(order):
+            raise DataError(f"data {self.name!r}: {len(order)} samples are too few to split for training")
+        evaluation, train = order[:held], order[held:]
+        return dataclasses.replace(self, x=self.x[evaluation], y=self.y[evaluation], x_train=self.x[train],
+                                   y_train=self.y[train])
 
     def training_split(self) -> tuple[Tensor, Tensor]:
         """``(x_train, y_train)``, or a ``DataError`` naming the fix when there is none."""
@@ -448,7 +460,32 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray:
     return array if array.ndim == 3 else array[..., None]
 
 
+#: Sub-folders that make an image folder a split data set: training images, then evaluation.
+TRAIN_FOLDER = "train"
+EVAL_FOLDERS = ("val", "test")
+
+
 def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
+    """An image data set: ``train/`` and ``val/`` (or ``test/``) sub-folders, each with one
+    sub-folder per class, or one sub-folder per class (evaluation only; ``Dataset.split``
+    makes a seeded training split of it). Images must share one size."""
+    train = path / TRAIN_FOLDER
+    evaluation = next((path / name for name in EVAL_FOLDERS if (path / name).is_dir()), None)
+    if not train.is_dir() or evaluation is None:
+        return _load_class_folders(path, limit)
+    data = _load_class_folders(evaluation, limit)
+    data.name, data.source = path.name, str(path)
+    if limit is not None:  # an audit with --limit reads only the evaluation images it needs
+        return data
+    trained = _load_class_folders(train, None)
+    if trained.class_names != data.class_names:
+        raise DataError(f"{path}: {train.name}/ has the classes {trained.class_names} but {evaluation.name}/ has "
+                        f"{data.class_names}; both need the same class folders")
+    data.x_train, data.y_train = trained.x, trained.y
+    return data
+
+
+def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
     """One sub-folder per class (sorted names are the classes); images must share one size.
 
     Only regular files with an image suffix are read, each only by the decoder of an image

@@ -25,7 +25,7 @@ from torch import nn
 
 from robustkit import __version__
 from robustkit.audit.engine import NamedAttack, evaluate
-from robustkit.data import Dataset, load_dataset
+from robustkit.data import TRAIN_FOLDER, Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
@@ -43,6 +43,8 @@ from robustkit.threat import TRAINING_EPS, Norm, ThreatModel, parse_number
 
 log = logging.getLogger(__name__)
 
+#: Share of an image folder without train/ and val/ held out for evaluation (seeded split).
+SPLIT_FRACTION = 0.2
 #: The attack of the before/after summary (default settings, at the training eps).
 SUMMARY_ATTACK = "robustkit:pgd"
 
@@ -267,6 +269,12 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
             f"{out} holds the checkpoint of an earlier run; pass --resume to continue it, or choose another --out"
         )
     data = load_dataset(request.data)
+    notes: list[str] = []
+    if data.x_train is None and Path(request.data).is_dir():  # a folder of class folders: split it, loudly
+        data = data.split(SPLIT_FRACTION, seed=0)
+        notes.append(f"{request.data} has no {TRAIN_FOLDER}/ and val/ folders: trained on a seeded split "
+                     f"({1 - SPLIT_FRACTION:.0%} training, {SPLIT_FRACTION:.0%} held out for the before/after audit)")
+        log.warning("%s", notes[-1])
     data.training_split()  # before the model loads and the "before" audit runs
     request = apply_recipe(request, data.bounds)
     defence_name, defence = resolve_defence(request)
@@ -294,6 +302,7 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
 
     before = audit(model, data, threat, world, device)
     result = defence.apply(model, data, threat=threat, run=run)
+    result.notes = notes + result.notes
     after = audit(result.model, data, threat, world, device)
     summary = _summary(request, defence_name, defence, threat, data, result, before, after, world)
     summary["seconds"] = round(time.perf_counter() - started, 2)
