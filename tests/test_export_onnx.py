@@ -297,8 +297,8 @@ def test_onnx_audit_black_box_only_on_request(
 ) -> None:
     path = cnn_export[0].path
     common = {"eps": (0.1,), "limit": 60, "options": (("square.queries", "150"),), "run_checks": False}
-    cli_run = CliRunner().invoke(cli, ["audit", str(path), "--black-box", "--eps", "0.1", "--limit", "60",
-                                       "-o", "square.queries", "150", "--no-checks", "--json"])
+    cli_run = CliRunner().invoke(cli, ["audit", str(path), "--data", "builtin:digits", "--black-box", "--eps", "0.1",
+                                       "--limit", "60", "-o", "square.queries", "150", "--no-checks", "--json"])
     assert cli_run.exit_code == 0, cli_run.output
     requested = json.loads(cli_run.stdout)
     assert requested["attack_access"].startswith("black-box")
@@ -311,7 +311,8 @@ def test_onnx_audit_black_box_only_on_request(
     _unconvertible(path, tmp_path / "shrink.onnx")
     with pytest.raises(RobustkitError, match="no white-box conversion"):
         run_audit(AuditConfig(str(tmp_path / "shrink.onnx"), **common))
-    refused = CliRunner().invoke(cli, ["audit", str(tmp_path / "shrink.onnx"), "--eps", "0.1", "--limit", "60"])
+    refused = CliRunner().invoke(cli, ["audit", str(tmp_path / "shrink.onnx"), "--data", "builtin:digits",
+                                       "--eps", "0.1", "--limit", "60"])
     assert refused.exit_code == 1 and "--black-box" in refused.output and "Shrink" in refused.output
     forced = run_audit(AuditConfig(str(tmp_path / "shrink.onnx"), black_box=True, **common))
     assert forced["attack_access"].startswith("black-box")

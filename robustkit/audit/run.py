@@ -8,6 +8,7 @@ runs the sanity checks and writes the report. Partial results are written after 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import time
 from collections.abc import Sequence
@@ -101,8 +102,11 @@ def _split_options(options: Sequence[tuple[str, str]], names: Sequence[str]) -> 
             continue
         takers = [n for n in names if bare.replace("-", "_") in _fields(registry.resolve(n).obj)]
         if not takers:
+            known = sorted({f for n in names for f in _fields(registry.resolve(n).obj)})
+            close = difflib.get_close_matches(bare.replace("-", "_"), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ParamsError(
-                f"-o {key}: no attack in this audit has that parameter; see `robustkit attacks show NAME`"
+                f"-o {key}: no attack in this audit has that parameter; {hint}valid keys: {', '.join(known)}"
             )
         for name in takers:
             routed[name][bare] = value

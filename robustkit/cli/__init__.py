@@ -60,8 +60,8 @@ class RobustkitGroup(click.Group):
         except RobustkitError as err:
             if ctx.params.get("verbose"):
                 raise
-            if err.exit_code == 2:
-                raise click.UsageError(str(err), ctx) from None
+            if err.exit_code == 2:  # one line, as "Error: ...", exit 2
+                raise click.UsageError(str(err)) from None
             if err.exit_code != 1:
                 click.echo(f"Error: {err}", err=True)
                 raise click.exceptions.Exit(err.exit_code) from None

@@ -8,13 +8,13 @@ from typing import Any
 import click
 
 from robustkit.audit.suites import SUITES
-from robustkit.cli.common import load_options, model_options, option_pairs
+from robustkit.cli.common import data_for, load_options, model_options, option_pairs
 
 
 @click.command()
 @click.argument("model")
-@click.option("--data", default="builtin:digits", show_default=True,
-              help="builtin:NAME, a .npz with x and y, or an image folder.")
+@click.option("--data", help="builtin:NAME, a .npz with x and y, or an image folder "
+              "[required, except for built-in models: builtin:digits].")
 @model_options
 @click.option("--suite", default="default", show_default=True, type=click.Choice(list(SUITES)),
               help="Named attack suite (`robustkit suites list`); --attack replaces it.")
@@ -38,7 +38,7 @@ from robustkit.cli.common import load_options, model_options, option_pairs
               help="Attack through scores only (an ONNX model in onnxruntime, without a torch conversion).")
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="Prove samples robust by bound propagation (Sequential ReLU nets) and skip attacking them.")
-def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None,
+def audit(model: str, data: str | None, arch: str | None, trust_code: bool, mean: str | None, std: str | None,
           device: str, suite: str, attacks: tuple[str, ...], threat: str, eps: str | None,
           options: tuple[tuple[str, str], ...],
           out: Path | None, as_json: bool, limit: int | None, batch_size: int, seed: int, precision: str,
@@ -49,7 +49,8 @@ def audit(model: str, data: str, arch: str | None, trust_code: bool, mean: str |
     from robustkit.threat import Norm
 
     config = AuditConfig(
-        model=model, data=data, load=load_options(arch, trust_code, mean, std, device), attacks=attacks, suite=suite,
+        model=model, data=data_for(data, model, arch), load=load_options(arch, trust_code, mean, std, device),
+        attacks=attacks, suite=suite,
         options=options, norm=Norm.parse(threat), eps=parse_eps_list(eps) if eps else (), limit=limit,
         batch_size=batch_size, seed=seed, precision=precision, mode=mode,  # type: ignore[arg-type]
         check_samples=check_samples, run_checks=not no_checks, black_box=black_box, out=out,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from robustkit.errors import RobustkitError
+from robustkit.errors import OptionError
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -16,7 +16,24 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise RobustkitError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+        raise OptionError(f"{option} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+#: The data set of robustkit's built-in architectures (builtin:digits-cnn, ...).
+BUILTIN_DATA = "builtin:digits"
+
+
+def data_for(data: str | None, model: str, arch: str | None) -> str:
+    """``--data``, or the built-in digits for a built-in model or architecture; for anyone
+    else's model there is no sensible default (a wrong one would be measured silently)."""
+    if data:
+        return data
+    if model.startswith("builtin:") or (arch or "").startswith("builtin:"):
+        return BUILTIN_DATA
+    raise click.UsageError(
+        f"--data is required for {model}: give its evaluation data (a .npz with x and y, an image folder, or "
+        "builtin:NAME); the built-in digits are the default only for built-in models"
+    )
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:

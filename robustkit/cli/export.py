@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from robustkit.cli.common import load_options, model_options, option_pairs
+from robustkit.cli.common import data_for, load_options, model_options, option_pairs
 
 
 @click.command()
@@ -20,8 +20,8 @@ from robustkit.cli.common import load_options, model_options, option_pairs
               help="Output file [default: exports/NAME.onnx, with the exporter's suffix].")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="An audit's report.json: the robustness summary to embed (it must be about MODEL).")
-@click.option("--data", default="builtin:digits", show_default=True,
-              help="Data set whose evaluation split verifies the export (the audit's).")
+@click.option("--data", help="Data set whose evaluation split verifies the export (the audit's) "
+              "[required, except for built-in models: builtin:digits].")
 @click.option("--threat", type=click.Choice(["linf", "l2"]),
               help="Norm of the verification and quick summary [default: the report's, else linf].")
 @click.option("--eps", help="Radius in input units, e.g. 8/255 [default: the report's middle eps, else 8/255 or 0.5].")
@@ -30,7 +30,7 @@ from robustkit.cli.common import load_options, model_options, option_pairs
 @click.option("--force", is_flag=True, help="Replace an existing --out file that robustkit did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 def export(model: str, arch: str | None, trust_code: bool, mean: str | None, std: str | None, device: str,
-           fmt: str, options: tuple[tuple[str, str], ...], out: Path | None, report: Path | None, data: str,
+           fmt: str, options: tuple[tuple[str, str], ...], out: Path | None, report: Path | None, data: str | None,
            threat: str | None, eps: str | None, samples: int, no_audit: bool, force: bool, as_json: bool) -> None:
     """Export MODEL for deployment, verify the copy against torch on real data, embed its robustness."""
     from robustkit.export.run import ExportConfig, run_export
@@ -38,7 +38,7 @@ def export(model: str, arch: str | None, trust_code: bool, mean: str | None, std
 
     config = ExportConfig(
         model=model, format=fmt, out=out, options=options, load=load_options(arch, trust_code, mean, std, device),
-        data=data, report=report, norm=Norm.parse(threat) if threat else None,
+        data=data_for(data, model, arch), report=report, norm=Norm.parse(threat) if threat else None,
         eps=parse_number(eps) if eps else None, audit=not no_audit, samples=samples, force=force,
     )
     result = run_export(config).as_dict()

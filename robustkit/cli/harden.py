@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from robustkit.cli.common import model_options, parse_floats
+from robustkit.cli.common import data_for, model_options, parse_floats
 from robustkit.errors import RobustkitError
 
 #: Keys a --config file may hold; "environment" (written for the record) is ignored. Not
@@ -75,9 +75,8 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
 @click.argument("model", required=False)
 @click.option(
     "--data",
-    default="builtin:digits",
-    show_default=True,
-    help="Training data: builtin:NAME, or a .npz with x_train, y_train (and x, y for the audit).",
+    help="Training data: builtin:NAME, a .npz with x_train, y_train (and x, y for the audit), or an image "
+    "folder with train/ and val/ [required, except for built-in models: builtin:digits].",
 )
 @click.option(
     "--defence",
@@ -186,7 +185,7 @@ def harden(ctx: click.Context, **values: Any) -> None:
     eps = pick("eps")
     request = HardenRequest(
         model=model,
-        data=pick("data"),
+        data=data_for(pick("data"), model, pick("arch")),
         defence=defence,
         arch=pick("arch"),
         trust_code=values["trust_code"],
