@@ -50,7 +50,7 @@ def build_architecture(spec: str) -> nn.Module:
             sys.modules[module_spec.name] = module
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            module = _import_user_module(module_name)
     except ImportError as err:
         raise RobustkitError(f"--arch {spec!r}: cannot import {module_name!r} ({err})") from None
     factory = getattr(module, factory_name, None)
@@ -60,6 +60,24 @@ def build_architecture(spec: str) -> nn.Module:
     if not isinstance(net, nn.Module):
         raise RobustkitError(f"--arch {spec!r} returned {type(net).__name__}, not a torch.nn.Module")
     return net
+
+
+def _import_user_module(module_name: str) -> Any:
+    """``import module_name``, also from the current folder (as ``python -m`` would): ``--arch
+    mynets:net`` names the user's own code, which the ``robustkit`` launcher does not put on
+    the path."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        top = module_name.split(".")[0]
+        here = Path.cwd()
+        if err.name != top or not ((here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file()):
+            raise
+    sys.path.insert(0, str(here))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(here))
 
 
 def load_state_dict_strict(net: nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
@@ -169,6 +187,12 @@ def check_model_output(model: Model, x: Tensor, num_classes: int | None = None) 
     flattens gradients, so gradient attacks on them underestimate the attacker.
     """
     probe = x[: min(len(x), 16)].to(model_device(model))
+    if isinstance(model, Normalized) and x.dim() >= 2 and model.mean.numel() not in (x.shape[1],):
+        channels = x.shape[1]
+        raise RobustkitError(
+            f"--mean/--std give {model.mean.numel()} value(s) but the data has {channels} channel(s); give one "
+            f"per channel, e.g. --mean {','.join(['0.5'] * channels)} --std {','.join(['0.25'] * channels)}"
+        )
     try:
         out = predict_logits(model, probe)
     except RobustkitError:
