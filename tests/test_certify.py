@@ -26,8 +26,6 @@ from robustkit.threat import Norm, ThreatModel
 from robustkit.train import FitConfig, fit
 
 CPU = torch.device("cpu")
-#: Slack of a bound against a margin computed at a point (fp32 sums in a different order).
-SLACK = 1e-4
 #: Random points per sample for the soundness checks (half of them linf corners).
 POINTS = 256
 
@@ -80,9 +78,9 @@ def models(cnn, digits) -> dict[str, nn.Module]:
 
 
 def _margins(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """``logit[y] - logit[j]`` for every j, in eval mode."""
+    """``logit[y] - logit[j]`` for every j, in eval mode: of the fp32 logits, subtracted exactly (fp64)."""
     with torch.no_grad():
-        logits = model.eval()(x)
+        logits = model.eval()(x).double()
     return logits.gather(1, y.view(-1, 1)) - logits
 
 
@@ -129,7 +127,8 @@ def test_margin_bounds_are_below_every_margin_in_the_ball(models, digits, name, 
     x, y = digits.x[:24], digits.y[:24]
     bounds = Certifier(model, (1, 8, 8), CPU).margin_bounds(x, y, threat)
     assert bounds.shape == (24, 10) and bool(bounds.gather(1, y.view(-1, 1)).isinf().all())
-    floor = torch.where(bounds.isinf(), -torch.inf, bounds - SLACK)  # class y: margin 0, bound +inf
+    # no slack: the bounds allow for the model's fp32 rounding (class y: margin 0, bound +inf)
+    floor = torch.where(bounds.isinf(), -torch.inf, bounds)
     generator = torch.Generator().manual_seed(0)
     random_points = _ball_points(x, threat, POINTS, generator)
     random_rows = torch.arange(len(x)).repeat(POINTS)
@@ -300,6 +299,11 @@ class _Negated(nn.Sequential):
         return -super().forward(x)
 
 
+class _Shifted(Normalized):
+    def standardize(self, x: Tensor) -> Tensor:
+        return super().standardize(x) + 1
+
+
 def _hooked() -> nn.Module:
     """A hook that negates a layer's output: the model computes something else than its layers."""
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -320,8 +324,15 @@ def _hooked() -> nn.Module:
     (_Negated(nn.Flatten(), nn.Linear(64, 10)), (1, 8, 8), "_Negated overrides"),
     (_hooked(), (1, 8, 8), "Linear has forward hooks"),
     (Normalized(digits_resnet(), mean=[0.3], std=[0.4]), (1, 8, 8), "_ResidualBlock layers are not supported"),
+    (_Shifted(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), mean=[0.3], std=[0.4]), (1, 8, 8),
+     "_Shifted overrides Normalized.standardize"),
+    # the rounding allowance is for fp32 (or fp64) evaluation; half precision's would swamp the margins
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).half(), (1, 8, 8), "torch.float16 models are not supported"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 32).double(), nn.ReLU(), nn.Linear(32, 10)), (1, 8, 8),
+     "mixes dtypes"),
 ], ids=["function", "overlapping-maxpool", "reflect-padding", "large-input", "sigmoid", "batchnorm-no-stats",
-        "not-scores", "overridden-forward", "forward-hook", "residual"])
+        "not-scores", "overridden-forward", "forward-hook", "residual", "overridden-standardize", "half",
+        "mixed-dtypes"])
 def test_unsupported_models_are_refused_with_the_reason(model, shape, reason):
     with pytest.raises(Unsupported, match=reason.replace("(", r"\(").replace(")", r"\)")):
         Certifier(model, shape, CPU)

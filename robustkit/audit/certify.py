@@ -21,9 +21,55 @@ Supported models are ``nn.Sequential`` trees (``Normalized`` included) made of:
 - nonlinear layers: ReLU and non-overlapping MaxPool2d.
 
 Any other model is reported as unsupported, and nothing is skipped for it.
+
+Floating point. A certificate is about the model as it runs: its fp32 forward pass, which is
+not exact arithmetic. Two things keep it sound:
+- **The bounds are computed in fp64**, on a float64 copy of the layers (the fp32 weights and
+  statistics, converted exactly; made at each call, so the bounds follow the model) and of the
+  inputs. Their own rounding, about 1e-16 relative, is left out: fp64's unit roundoff is 2^29
+  times smaller than fp32's, whose error is accounted for below.
+- **The model's rounding is bounded, not guessed.** Each layer's output as computed,
+  ``fl(layer(a))``, differs from the exact ``layer(a)`` by at most the standard forward error
+  bound (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1 and 3.5): with ``u`` the
+  unit roundoff (2^-24 for fp32) and ``gamma(k) = k u / (1 - k u)``,
+
+  - Linear and Conv2d, fan-in ``n``: ``|fl(W a + b) - (W a + b)| <= g (|W| |a| + |b|)`` with
+    ``g = gamma(n + 1)``, for any order of summation, blocking or FMA; when torch may round
+    the operands to TF32 or bf16 (see below), ``g = (1 + v)^2 (1 + gamma(n + 1)) - 1`` with
+    ``v`` the unit roundoff of that format (2^-11, 2^-8);
+  - BatchNorm and the standardisation of ``Normalized``, per channel ``s a + t``:
+    ``gamma(10) (|s| |a| + |s| |mean| + |bias|)`` (10 roundings cover any order of computing the
+    scale and shift, fused, with an approximate reciprocal square root), ``gamma(3)`` for
+    ``(a - mean) / std``;
+  - average pooling over ``k`` values: ``gamma(k + 2)`` times the average of ``|a|``;
+  - ReLU, max-pooling, Flatten, Identity, Dropout (eval): exact.
+
+  Plus an absolute ``2 (n + 1)`` times the smallest normal number for underflow. The error of
+  the computed activations ``E`` is carried forward with the bounds of their size ``A``
+  (``|computed activation| <= A``): through an affine layer ``E' = |W| E + g (|W| A + |b|)``;
+  ReLU keeps ``min(E, relu(high + E))``, a max-pool takes each window's largest ``E``. ``A``
+  comes from the interval bounds at each nonlinearity (``max(|low|, |high|) + E``) and from
+  ``|W| A + |b|`` (plus rounding) in between. At the logits, ``margin_bounds`` returns the exact
+  lower bound of ``logit[y] - logit[j]`` minus ``E[y] + E[j]``: a lower bound of the margin the
+  fp32 model computes, anywhere in the ball. ``certify`` needs it above zero, so the fp32
+  argmax is y with no tie. There is no fixed tolerance: the margin needed scales with the
+  model's weights and activations (on the digits test models 3e-5 to 1.5e-2 in logit units,
+  about 0.1% of the largest logit for the CNN; it proved the same samples as a 1e-4 tolerance).
+
+What is assumed of the model's evaluation: IEEE arithmetic with round-to-nearest, in the dtype
+of its parameters (fp32, or fp64 with u = 2^-53; half-precision models are refused, as the
+bound grows past use with fan-in), without autocast, as the engine judges every attack's
+success; matmuls and convolutions that sum products (direct, GEMM, any order, FMA). TF32 and
+bf16 "fast fp32" modes are read when certifying (``torch.get_float32_matmul_precision()``,
+``torch.backends.cuda.matmul``/``cudnn``'s ``allow_tf32`` and ``fp32_precision``, the oneDNN
+``fp32_precision`` on the CPU) and widen the bound of the affected layers; cuDNN's TF32
+convolutions are on by default on the GPU, so GPU certificates are looser there. Not covered:
+FFT or Winograd convolution algorithms (``torch.backends.cudnn.benchmark`` may pick them),
+whose error is not bounded by ``|W| |a|``, and settings changed between certifying and attacking.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input
 from torch.nn.modules.utils import _pair
+from torch.nn.utils import parametrize
 
 from robustkit.modules import Model, Normalized, eval_mode
 from robustkit.threat import Norm, ThreatModel
@@ -45,10 +92,19 @@ _MONOTONE = (nn.Flatten, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dro
 _KNOWN = (nn.Sequential, Normalized, *_SIGNED, *_MONOTONE, nn.ReLU, nn.MaxPool2d)
 #: Largest input (values per sample) the forward bounds take on: their cost grows with it.
 MAX_INPUT_SIZE = 4096
-#: Entries of the largest bound tensor held at once; samples are taken in chunks below it.
+#: Entries of the largest bound tensor held at once (fp64: 64 MiB); samples are taken in chunks below it.
 _CHUNK_ENTRIES = 2**23
-#: Margin a certificate needs above zero, against the rounding of fp32 sums.
-MARGIN_TOLERANCE = 1e-4
+#: The dtype the bounds are computed in: its rounding is negligible next to the model's.
+_BOUND_DTYPE = torch.float64
+#: Unit roundoff of the dtypes a model may run in (half precision is refused).
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+#: Unit roundoff of the operands of an fp32 matmul or convolution under torch's "fast fp32" settings.
+_OPERAND_ROUNDOFF = {"tf32": 2.0**-11, "high": 2.0**-11, "bf16": 2.0**-8, "medium": 2.0**-8}
+#: Roundings allowed for a per-channel affine map (BatchNorm: var + eps, sqrt, reciprocal, the
+#: scale, the shift, the product and the sum, with room for an approximate rsqrt and fusion).
+_BATCHNORM_ROUNDINGS = 10
+#: ... and for the standardisation of ``Normalized``, ``(x - mean) / std`` (or a reciprocal's product).
+_STANDARDIZE_ROUNDINGS = 3
 
 
 class Unsupported(Exception):
@@ -62,14 +118,19 @@ def check_norm(norm: Norm) -> None:
 
 
 class _Standardize(nn.Module):
-    """The affine half of ``Normalized``, as a layer of its own."""
+    """The affine half of ``Normalized``, ``(x - mean) / std``, as a layer of its own."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, normalized: Normalized) -> None:
         super().__init__()
-        self.standardize = normalized.standardize
+        # the model's own tensors (not copies), so that the bounds follow them
+        self.register_buffer("mean", normalized.mean)
+        self.register_buffer("std", normalized.std)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.standardize(x)
+        return (x - self.mean) / self.std
 
 
 def _leaves(module: nn.Module) -> Iterator[nn.Module]:
@@ -83,6 +144,8 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
         for child in module:
             yield from _leaves(child)
     elif isinstance(module, Normalized):
+        if type(module).standardize is not Normalized.standardize:
+            raise Unsupported(f"{type(module).__name__} overrides Normalized.standardize")
         yield _Standardize(module)
         yield from _leaves(module.net)
     elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
@@ -195,8 +258,120 @@ def _affine_backward(layer: _Layer, lam: Tensor) -> Tensor:
     return grad
 
 
+def _in_bound_dtype(module: nn.Module) -> nn.Module:
+    """An fp64 copy of a leaf in eval mode, with the values the model computes in its own dtype."""
+    module = copy.deepcopy(module).eval()
+    if parametrize.is_parametrized(module):  # weight norm &c.: keep the weight as computed, then convert
+        names: nn.ModuleDict = module.parametrizations  # type: ignore[assignment]
+        for name in list(names):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return module.to(_BOUND_DTYPE)
+
+
+def _gamma(k: int, unit: float) -> float:
+    """Higham's ``gamma_k = k u / (1 - k u)``: the relative error bound of k roundings (inf past k u = 1/2)."""
+    return k * unit / (1 - k * unit) if k * unit < 0.5 else math.inf
+
+
+def _precision_setting(*path: str) -> str:
+    """A ``torch.backends`` ``fp32_precision`` setting, or '' where this torch has none."""
+    obj: object = torch.backends
+    for name in path:
+        obj = getattr(obj, name, None)
+    return str(getattr(obj, "fp32_precision", ""))
+
+
+def _operand_roundoff(module: nn.Module, device: torch.device) -> float:
+    """Unit roundoff to which torch may round the operands of this fp32 matmul or convolution.
+
+    0 in full fp32 ("highest", "ieee"); 2^-11 where TF32 is allowed, 2^-8 where bf16 is. Read at
+    each call, as these are global settings.
+    """
+    settings = [torch.get_float32_matmul_precision()]
+    matmul = isinstance(module, nn.Linear)
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if matmul else torch.backends.cudnn.allow_tf32
+        settings += ["tf32" if tf32 else "", _precision_setting(*(("cuda", "matmul") if matmul else ("cudnn", "conv")))]
+    else:
+        settings.append(_precision_setting("mkldnn", "matmul" if matmul else "conv"))
+    return max(_OPERAND_ROUNDOFF.get(setting, 0.0) for setting in settings)
+
+
+@dataclass
+class _Rounding:
+    """What the model's own rounding does to the activations it computes, over the whole ball.
+
+    ``error`` bounds ``|computed - exact|`` and ``size`` bounds ``|computed|``, per sample and
+    neuron, for the activations entering the next layer (fp64 tensors (N, *shape)).
+    ``overflow`` (N,) marks samples where a computed value may exceed the dtype's range.
+    """
+
+    error: Tensor
+    size: Tensor
+    dtype: torch.dtype  #: the model's
+    device: torch.device  #: where the model runs (for its TF32 settings)
+
+    def __post_init__(self) -> None:
+        self.unit = _UNIT_ROUNDOFF[self.dtype]
+        self.tiny = torch.finfo(self.dtype).tiny  # the error of an underflow, flushed to zero or not
+        self.overflow = torch.zeros(len(self.size), dtype=torch.bool, device=self.size.device)
+
+    def affine(self, module: nn.Module, in_shape: tuple[int, ...]) -> None:
+        """Through an affine layer: its Jacobian carries the error in, and its own rounding adds."""
+        error, size = self.error, self.size
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()  # in_features, or in_channels / groups * kernel area
+            operand = _operand_roundoff(module, self.device) if self.dtype == torch.float32 else 0.0
+            g = (1 + operand) ** 2 * (1 + _gamma(fan_in + 1, self.unit)) - 1
+            floor = 2 * (fan_in + 1) * self.tiny
+            both = _linear_part(module, torch.cat([error + g * size, size]), absolute=True)
+            spread, size = both[:len(error)], both[len(error):]
+            bias: Tensor | float = 0.0
+            if module.bias is not None:  # along the last dim (Linear) or the channels (Conv2d)
+                bias = module.bias.abs().view(-1, 1, 1) if isinstance(module, nn.Conv2d) else module.bias.abs()
+            self.error, self.size = spread + g * bias + floor, (1 + g) * (size + bias) + floor
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, _Standardize)):
+            if isinstance(module, _Standardize):  # (a - mean) / std
+                scale, shift = 1 / module.std, module.mean.abs() / module.std
+                g = _gamma(_STANDARDIZE_ROUNDINGS, self.unit)
+            else:  # (a - mean) * weight / sqrt(var + eps) + bias, |shift| <= |scale mean| + |bias|
+                assert module.running_var is not None and module.running_mean is not None
+                scale = torch.rsqrt(module.running_var + module.eps)
+                scale = scale * module.weight if module.weight is not None else scale
+                shift = (scale * module.running_mean).abs()
+                shift = shift + module.bias.abs() if module.bias is not None else shift
+                g = _gamma(_BATCHNORM_ROUNDINGS, self.unit)
+            view = (1, -1, *[1] * (error.dim() - 2))
+            scale, shift = scale.abs().reshape(view), shift.reshape(view)
+            floor = 2 * _BATCHNORM_ROUNDINGS * self.tiny
+            self.error = scale * (error + g * size) + g * shift + floor
+            self.size = (1 + g) * (scale * size + shift) + floor
+        elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):  # a sum of k values, divided
+            k = math.prod(_pair(module.kernel_size)) if isinstance(module, nn.AvgPool2d) else math.prod(in_shape[-2:])
+            g = _gamma(k + 2, self.unit)
+            self.error = module(error + g * size) + 2 * (k + 2) * self.tiny
+            self.size = (1 + g) * module(size) + 2 * (k + 2) * self.tiny
+        else:  # Flatten, Identity, Dropout in eval mode: values are moved, not computed
+            self.error, self.size = module(error), module(size)
+        self.overflow |= ~(self.size <= torch.finfo(self.dtype).max).flatten(1).all(1)  # nan included
+
+    def nonlinear(self, module: nn.Module, low: Tensor, high: Tensor) -> None:
+        """Through a ReLU or max-pool, given the exact pre-activation bounds ``[low, high]``."""
+        error = self.error
+        size = torch.minimum(self.size, torch.maximum(low.abs(), high.abs()) + error)
+        if isinstance(module, nn.ReLU):  # 1-Lipschitz; both values lie in [0, relu(high + error)]
+            cap = (high + error).clamp_min(0)
+            self.error, self.size = torch.minimum(error, cap), torch.minimum(size, cap)
+        else:  # a window's max moves by at most its largest error
+            window = _pair(module.kernel_size)
+            self.error, self.size = F.max_pool2d(error, window, window), F.max_pool2d(size, window, window)
+
+
 class Certifier:
-    """Bounds for one model (in eval mode, whatever its mode) and one input shape."""
+    """Bounds for one model (in eval mode, whatever its mode) and one input shape.
+
+    The layers are found here; their weights are read (and converted to fp64) at each call.
+    """
 
     def __init__(self, model: Model, sample_shape: tuple[int, ...], device: torch.device) -> None:
         if not isinstance(model, nn.Module):
@@ -206,44 +381,63 @@ class Certifier:
             raise Unsupported(f"inputs of {self.input_size} values are too large for bound propagation "
                               f"(at most {MAX_INPUT_SIZE})")
         self.model = model
-        self.layers: list[_Layer] = []
-        probe = torch.zeros((1, *sample_shape), device=device)
+        self.device = torch.device(device)
+        leaves = list(_leaves(model))
+        dtypes = {t.dtype for leaf in leaves for t in (*leaf.parameters(), *leaf.buffers()) if t.is_floating_point()}
+        if len(dtypes) > 1:
+            raise Unsupported(f"the model mixes dtypes ({', '.join(sorted(map(str, dtypes)))})")
+        #: The dtype the model runs in, whose rounding the certificates allow for.
+        self.dtype = dtypes.pop() if dtypes else torch.float32
+        if self.dtype not in _UNIT_ROUNDOFF:
+            raise Unsupported(f"{self.dtype} models are not supported: the rounding bounds cover fp32 and fp64")
+        self.leaves: list[tuple[nn.Module, tuple[int, ...]]] = []
+        probe = torch.zeros((1, *sample_shape), device=device, dtype=self.dtype)
         with torch.no_grad(), eval_mode(model):
-            for module in _leaves(model):
-                in_shape = tuple(probe.shape[1:])
+            for module in leaves:
+                self.leaves.append((module, tuple(probe.shape[1:])))
                 probe = module(probe)
-                bias = module(torch.zeros((1, *in_shape), device=device)).flatten()
-                self.layers.append(_Layer(module, in_shape, bias))
         if probe.dim() != 2:
             raise Unsupported("the model's output is not (N, classes) scores")
-        self.widest = max(math.prod(layer.in_shape) for layer in self.layers)
+        self.classes = probe.shape[1]
+        self.widest = max(math.prod(in_shape) for _, in_shape in self.leaves)
 
     @torch.no_grad()
     def certify(self, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
-        """Boolean (N,): the prediction provably equals ``y`` everywhere in the threat ball."""
-        lower = self.margin_bounds(x, y, threat)
-        return lower.min(dim=1).values > MARGIN_TOLERANCE
+        """Boolean (N,): the model's prediction, as computed in its dtype, is ``y`` everywhere in the threat ball."""
+        return self.margin_bounds(x, y, threat).min(dim=1).values > 0
 
     @torch.no_grad()
     def margin_bounds(self, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
-        """Lower bounds, over the threat ball, of ``logit[y] - logit[j]`` for every class j (+inf at y)."""
+        """Lower bounds, over the threat ball, of ``logit[y] - logit[j]`` for every class j (+inf at y).
+
+        The logits are those the model computes in its own dtype (fp32), rounding included (see
+        the module's docstring); the bounds are fp64.
+        """
         check_norm(threat.norm)
-        x = x.float().contiguous()
+        x = x.to(_BOUND_DTYPE).contiguous()
         step = max(1, _CHUNK_ENTRIES // ((self.input_size + 1) * self.widest))
         if not len(x):
-            return x.new_zeros(0, len(self.layers[-1].bias))
-        with eval_mode(self.model):
-            return torch.cat([self._margin_bounds(x[i:i + step], y[i:i + step], threat)
-                              for i in range(0, len(x), step)])
+            return x.new_zeros(0, self.classes)
+        layers = self._layers()
+        return torch.cat([self._margin_bounds(layers, x[i:i + step], y[i:i + step], threat)
+                          for i in range(0, len(x), step)])
 
-    def _margin_bounds(self, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
-        relaxations = self._forward_relaxations(x, threat)
-        classes = len(self.layers[-1].bias)
-        eye = torch.eye(classes, device=x.device)
+    def _layers(self) -> list[_Layer]:
+        """The model's layers now, as fp64 copies in eval mode, with their constant terms."""
+        layers = []
+        for module, in_shape in self.leaves:
+            copied = _in_bound_dtype(module)
+            bias = copied(torch.zeros((1, *in_shape), device=self.device, dtype=_BOUND_DTYPE)).flatten()
+            layers.append(_Layer(copied, in_shape, bias))
+        return layers
+
+    def _margin_bounds(self, layers: list[_Layer], x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        relaxations, rounding = self._forward_relaxations(layers, x, threat)
+        eye = torch.eye(self.classes, device=x.device, dtype=x.dtype)
         rows = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (N, classes, classes): e_y - e_j
-        const = torch.zeros(rows.shape[:2], device=x.device)
+        const = torch.zeros(rows.shape[:2], device=x.device, dtype=x.dtype)
         n, r = rows.shape[:2]
-        for layer, relaxation in zip(reversed(self.layers), reversed(relaxations)):
+        for layer, relaxation in zip(reversed(layers), reversed(relaxations)):
             if isinstance(relaxation, _ReluRelaxation):
                 positive, negative = rows.clamp(min=0), rows.clamp(max=0)
                 const = const + (negative * relaxation.intercept.unsqueeze(1)).flatten(2).sum(-1)
@@ -258,9 +452,14 @@ class Certifier:
                 const = const + rows.flatten(2) @ layer.bias
                 rows = _affine_backward(layer, rows.reshape(n * r, *rows.shape[2:])).view(n, r, *layer.in_shape)
         centre, spread = _centre_and_spread(rows.flatten(2).transpose(1, 2), x, threat)
-        return (const + centre - spread).scatter(1, y.view(-1, 1), math.inf)
+        # the computed margin is off the exact one by at most error[y] + error[j]; a computed
+        # value past the dtype's range (inf, nan) proves nothing
+        error = rounding.error.gather(1, y.view(-1, 1)) + rounding.error
+        lower = torch.where(rounding.overflow.unsqueeze(1), -math.inf, const + centre - spread - error)
+        return lower.scatter(1, y.view(-1, 1), math.inf)
 
-    def _forward_relaxations(self, x: Tensor, threat: ThreatModel) -> list[_ReluRelaxation | _PoolRelaxation | None]:
+    def _forward_relaxations(self, layers: list[_Layer], x: Tensor, threat: ThreatModel
+                             ) -> tuple[list[_ReluRelaxation | _PoolRelaxation | None], _Rounding]:
         """Carry linear lower and upper bounds of every neuron forward; relax each nonlinearity.
 
         The bounds are functions of the input, held as their midpoint and half-width: tensors
@@ -268,17 +467,23 @@ class Certifier:
         column ``D`` the constant. Through an affine map W they become ``W mid`` and ``|W| half``:
         two products where lower and upper bounds would need four. ``half`` is None while the
         functions are exact (before the first nonlinearity).
+
+        Alongside, the bound of the model's rounding error is carried to the logits.
         """
         d = self.input_size
         # Until the first nonlinearity the functions are exact and the same for every sample: one copy.
-        mid = torch.eye(d + 1, d, device=x.device).view(1, d + 1, *x.shape[1:])
+        mid = torch.eye(d + 1, d, device=x.device, dtype=x.dtype).view(1, d + 1, *x.shape[1:])
         half: Tensor | None = None
         relaxations: list[_ReluRelaxation | _PoolRelaxation | None] = []
-        for layer in self.layers:  # the last one too: a model may end in a nonlinearity
+        # the inputs are the attack's fp32 values themselves: exact, and inside the ball's box
+        box = _input_box(x, threat)
+        rounding = _Rounding(torch.zeros_like(x), torch.maximum(box[0].abs(), box[1].abs()), self.dtype, self.device)
+        for layer in layers:  # the last one too: a model may end in a nonlinearity
             module = layer.module
             if isinstance(module, (nn.ReLU, nn.MaxPool2d)):
                 lower, upper = (mid, mid) if half is None else (mid - half, mid + half)
                 low, high = self._concretise(lower, upper, x, threat)
+                rounding.nonlinear(module, low, high)
                 if isinstance(module, nn.ReLU):
                     relu = _ReluRelaxation.of(low, high)
                     lower = lower * relu.lower_slope.unsqueeze(1)
@@ -296,8 +501,9 @@ class Certifier:
                 mid, half = (upper + lower).mul_(0.5), upper.sub_(lower).mul_(0.5)
             else:
                 mid, half = self._affine_forward(layer, mid, half)
+                rounding.affine(module, layer.in_shape)
                 relaxations.append(None)
-        return relaxations
+        return relaxations, rounding
 
     @staticmethod
     def _affine_forward(layer: _Layer, mid: Tensor, half: Tensor | None) -> tuple[Tensor, Tensor | None]:
