@@ -56,11 +56,14 @@ class ResultRow:
     gradients: bool  #: whether the attack used gradients
     scope: Scope
     params: Mapping[str, Any]
+    #: standing samples not attacked at this eps by the nested-search shortcut (``notes`` says why)
+    skipped: int = 0
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"attack": self.attack, "norm": self.norm, "eps": self.eps, "robust_accuracy": self.robust_accuracy,
                 "ci95": list(self.ci95), "seconds": self.seconds, "attacked": self.attacked,
-                "gradients": self.gradients, "scope": self.scope, "params": _plain(self.params)}
+                "skipped": self.skipped, "gradients": self.gradients, "scope": self.scope,
+                "params": _plain(self.params)}
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,8 @@ class AuditReport:
     environment: Mapping[str, Any]
     config: ReportConfig
     sections: tuple[Section, ...] = ()
+    #: what ran differently from "every attack on every standing sample at every eps" (shortcuts)
+    notes: tuple[str, ...] = ()
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``report.json`` document (schema ``SCHEMA_VERSION``); a fresh copy each call."""
@@ -211,6 +216,7 @@ class AuditReport:
             "environment": _plain(self.environment),
             "config": self.config.to_json_dict(),
             "sections": [s.to_json_dict() for s in self.sections],
+            "notes": list(self.notes),
         }
 
 
@@ -305,6 +311,7 @@ def _banners(report: AuditReport) -> list[tuple[str, str]]:
     caveat = report.config.suite.caveat
     if caveat:
         banners.append(("warn", caveat))
+    banners += [("warn", note) for note in report.notes]
     for check in report.checks:
         if check.status in ("warn", "fail"):
             banners.append((check.status, f"{check.name}: {check.detail}"))

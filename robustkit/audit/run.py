@@ -180,6 +180,7 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
         worst_case=worst_case_rows(config, evaluation),
         certification=Certification(evaluation.certification, round(sum(evaluation.certify_seconds.values()), 4)),
         checks=tuple(found_checks),
+        notes=tuple(note for outcome in evaluation.outcomes for note in outcome.notes),
         model=loaded.describe(),
         data={**data.describe(), "limit": config.limit},
         environment=environment(config.load.device),
@@ -206,7 +207,8 @@ def result_rows(config: AuditConfig, evaluation: Evaluation, suite: list[NamedAt
                 acc = evaluation.robust_accuracy(outcome, eps)
             rows.append(ResultRow(attack=outcome.name, norm=config.norm.value, eps=eps, robust_accuracy=acc,
                                   ci95=accuracy_ci(acc, evaluation.n), seconds=round(outcome.seconds[eps], 4),
-                                  attacked=outcome.attacked[eps], gradients=named.attack.needs_gradients,
+                                  attacked=outcome.attacked[eps], skipped=outcome.skipped.get(eps, 0),
+                                  gradients=named.attack.needs_gradients,
                                   scope="cumulative" if cascade else "single attack", params=outcome.params))
     return tuple(rows)
 
@@ -227,7 +229,8 @@ def worst_case_rows(config: AuditConfig, evaluation: Evaluation) -> tuple[WorstC
 def _suite_description(config: AuditConfig) -> SuiteRecord:
     if config.attacks:
         return SuiteRecord("custom", "the attacks named with --attack", "",
-                           tuple(SuiteAttackRecord(name, {}) for name in config.attacks))
+                           tuple(SuiteAttackRecord(name, {}) for name in config.attacks),
+                           {"gradient_free_shortcut": False})  # the attacks asked for, on every sample
     return SuiteRecord.from_mapping(get_suite(config.suite).describe())
 
 
@@ -336,7 +339,10 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
             so_far = dataclasses.replace(evaluation, interrupted=True)  # marked incomplete
             write_report(build_report(config, loaded, data, so_far, [], suite, started), config.out, render=False)
 
-    clean_correct = (predict_logits(loaded.model, data.x).argmax(1).cpu() == data.y.cpu())
+    # a named suite may take the gradient-free shortcut (it says so); --attack lists run in full
+    shortcut = not config.attacks and get_suite(config.suite).gradient_free_shortcut
+    clean_logits = predict_logits(loaded.model, data.x)  # once: the chance check and the engine share them
+    clean_correct = clean_logits.argmax(1).cpu() == data.y.cpu()
     chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes)
     if chance.status == "fail":  # nothing an attack could measure; said on the terminal and in the report
         log.error("%s", chance.detail)
@@ -344,8 +350,14 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     else:
         evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
                               cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
-                              dist_ctx=dist_ctx, certify=config.certify)
+                              dist_ctx=dist_ctx, certify=config.certify, clean_logits=clean_logits,
+                              gradient_free_shortcut=shortcut)
     found = [chance]
+    failed = [f"{o.name} ({o.failed})" for o in evaluation.outcomes if o.failed]
+    if failed:  # said on the terminal by the engine, here a failed check and a banner
+        found.append(checks.Check("attacks completed", "fail",
+                                  f"{'; '.join(failed)}: left out after failing, the weights restored; the worst "
+                                  "case is over the other attacks only"))
     if not evaluation.interrupted and config.run_checks and dist_ctx.is_main and evaluation.outcomes:
         worst = [row.to_json_dict() for row in worst_case_rows(config, evaluation)]
         try:

@@ -12,6 +12,13 @@ left standing, so a strong suite costs little more than its first attack on a we
   minimum-norm attack, takes its place, and the suite says so.
 - ``quick``: FGSM and a short APGD, for a first look. Every output labels it: it is not a
   robustness claim.
+
+``gradient_free_shortcut``: whether the engine runs gradient-free attacks (Square) as a nested
+search, largest eps first, not attacking at a smaller eps the samples they could not break in
+a larger ball (``robustkit.audit.engine``). It spends one query budget per robust sample instead
+of one per eps, and may miss a break random search would have found in the smaller ball, so
+the report says what was skipped. On in ``default`` and ``quick``; never in ``autoattack``,
+whose numbers must be comparable with AutoAttack's (Square at every eps on every survivor).
 """
 from __future__ import annotations
 
@@ -35,10 +42,13 @@ class Suite:
     attacks: tuple[SuiteAttack, ...]
     #: printed beside every result of the suite; non-empty for suites that are no robustness claim
     caveat: str = ""
+    #: run gradient-free attacks as a nested search, largest eps first (module docstring)
+    gradient_free_shortcut: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "summary": self.summary, "caveat": self.caveat,
-                "attacks": [{"name": a.name, "settings": dict(a.settings)} for a in self.attacks]}
+                "attacks": [{"name": a.name, "settings": dict(a.settings)} for a in self.attacks],
+                "gradient_free_shortcut": self.gradient_free_shortcut}
 
 
 SUITES: dict[str, Suite] = {
@@ -55,6 +65,7 @@ SUITES: dict[str, Suite] = {
                 SuiteAttack("robustkit:fmn", {"steps": 100, "classes": 3}),
                 SuiteAttack("robustkit:square", {"queries": 1000}),
             ),
+            gradient_free_shortcut=True,
         ),
         Suite(
             "autoattack",
@@ -66,12 +77,14 @@ SUITES: dict[str, Suite] = {
                 SuiteAttack("robustkit:fmn", {"steps": 300, "classes": 3}),
                 SuiteAttack("robustkit:square", {"queries": 5000}),
             ),
+            gradient_free_shortcut=False,  # AutoAttack's Square: every eps, every survivor
         ),
         Suite(
             "quick",
             "FGSM and APGD-CE with 20 steps: a first look",
             (SuiteAttack("robustkit:fgsm"), SuiteAttack("robustkit:apgd", {"loss": "ce", "steps": 20})),
             caveat="quick suite: a first look, not a robustness claim (use --suite default)",
+            gradient_free_shortcut=True,
         ),
     )
 }

@@ -76,6 +76,8 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
     caveat = report["config"]["suite"]["caveat"]
     if caveat:
         stdout.print(f"[bold yellow]{caveat}[/]")
+    for note in report.get("notes", []):  # what ran differently, e.g. the gradient-free shortcut
+        stdout.print(f"[yellow]note[/] {note}")
     stdout.print(f"[bold]{report['model']['source']}[/] on {report['data']['name']}: n = {report['n']}, "
                  f"clean accuracy {100 * report['clean_accuracy']:.1f}%  ({report['attack_access']})")
     table = Table("attack", "eps", "robust acc.", "95% CI", "s",
