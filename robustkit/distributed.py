@@ -10,9 +10,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor where the backend can send it: NCCL needs CUDA tensors."""
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
 def all_reduce_min_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """In-place element-wise minimum over ranks (no-op in one process)."""
     return _all_reduce_(tensor, ctx, dist.ReduceOp.MIN)
@@ -92,17 +99,57 @@ def all_reduce_max_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 def _all_reduce_(tensor: torch.Tensor, ctx: DistContext, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     if ctx.enabled:
-        on_wire = tensor.cuda() if dist.get_backend() == "nccl" else tensor
+        on_wire = _on_wire(tensor)
         dist.all_reduce(on_wire, op=op)
         tensor.copy_(on_wire)
     return tensor
 
 
-def all_reduce_sum(value: float, ctx: DistContext) -> float:
+def sum_over_ranks(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise sums of per-rank numbers (identity in one process), in float64."""
     if not ctx.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item())
+        return values
+    return [float(v) for v in _all_reduce_(torch.tensor(values, dtype=torch.float64), ctx, dist.ReduceOp.SUM)]
+
+
+def all_reduce_sum(value: float, ctx: DistContext) -> float:
+    """The sum of one number over ranks."""
+    return sum_over_ranks([value], ctx)[0]
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if it is true on one: how ranks agree to stop at the same batch."""
+    if not ctx.enabled:
+        return flag
+    return bool(_all_reduce_(torch.tensor([int(flag)], dtype=torch.int32), ctx, dist.ReduceOp.MAX).item())
+
+
+def gather(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj`` (e.g. its random states), in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_tensors(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's ``tensor`` (the same shape on each), concatenated in rank order, on every
+    rank and on ``tensor``'s device (itself in one process)."""
+    if not ctx.enabled:
+        return tensor
+    wire = _on_wire(tensor.contiguous())
+    parts = [torch.empty_like(wire) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, wire)
+    return torch.cat(parts).to(tensor.device)
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(module)`` under torchrun; the module itself otherwise. Every
+    rank holds the whole data set and draws its shard from a seeded ``DistributedSampler``."""
+    if not ctx.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)

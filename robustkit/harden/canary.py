@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustkit import distributed
 from robustkit.attacks.native import PGD
 from robustkit.distributed import DistContext
-from robustkit.harden import distributed as ddp
 from robustkit.harden.config import TrainingParams
 from robustkit.modules import eval_mode, predict_logits
 from robustkit.precision import Precision
@@ -47,7 +47,7 @@ def canary(
             result = attack(craft, xb, yb, threat=threat)
             clean += int(right.sum())
             robust += int((right & ~result.success).sum())
-    clean_sum, robust_sum = ddp.sum_over_ranks([clean, robust], world)
+    clean_sum, robust_sum = distributed.sum_over_ranks([clean, robust], world)
     return clean_sum / len(x), robust_sum / len(x)
 
 

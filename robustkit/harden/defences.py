@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustkit import distributed
 from robustkit.attacks.base import Attack
 from robustkit.attacks.native import ascent_step, random_start
 from robustkit.data import Dataset
 from robustkit.errors import RobustkitError
-from robustkit.harden import distributed as ddp
 from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.loop import train
@@ -253,7 +253,8 @@ class ATTA(TrainingDefence):
                     x_adv = threat.project(x, x_adv + ascent_step(grad, threat.norm, p.step_factor * threat.eps))
             index, delta = ctx.batch_index, x_adv - x
             if ctx.world.enabled:  # every process keeps every sample's perturbation
-                index, delta = ddp.gather_tensors(index, ctx.world), ddp.gather_tensors(delta, ctx.world)
+                index = distributed.gather_tensors(index, ctx.world)
+                delta = distributed.gather_tensors(delta, ctx.world)
             store[index] = delta.to(home)
             return x_adv
 

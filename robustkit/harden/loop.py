@@ -26,12 +26,12 @@ import torch
 from rich.progress import Progress
 from torch import Tensor, nn
 
+from robustkit import distributed
 from robustkit.console import progress
 from robustkit.data import Dataset, tensors_sha256
 from robustkit.distributed import DistContext, init_distributed
 from robustkit.errors import Interrupted, RobustkitError
 from robustkit.harden import checkpoint
-from robustkit.harden import distributed as ddp
 from robustkit.harden.augment import batch_generator, parse_augmentation
 from robustkit.harden.base import DefenceResult
 from robustkit.harden.batches import Batches, validation_split
@@ -204,7 +204,7 @@ class Engine:
         if run.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         craft: nn.Module = torch.compile(self.module) if run.compile else self.module  # type: ignore[assignment]
-        trained = ddp.wrap(self.module, self.world, self.device)
+        trained = distributed.wrap_ddp(self.module, self.world, self.device)
         if run.compile:
             trained = torch.compile(trained) if self.world.enabled else craft  # type: ignore[assignment]
         self.epochs = math.ceil(params.epochs / defence.replays)
@@ -236,7 +236,7 @@ class Engine:
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self) -> None:
         """Gather every rank's random states and carried state; rank 0 writes them atomically."""
-        ranks = ddp.gather(
+        ranks = distributed.gather(
             {
                 "rng": checkpoint.capture_rng(self.ctx.generator),
                 "carry": {k: v.cpu() for k, v in self.ctx.carry.items()},
@@ -334,7 +334,7 @@ class Engine:
             show = self.run_config.progress and self.world.is_main
             with self._signals() as flag, progress() if show else Progress(disable=True) as bar:
                 while self.state.epoch < self.epochs and self.state.stop_reason is None:
-                    if ddp.any_rank(flag["stop"], self.world):  # between epochs: that checkpoint is on disk
+                    if distributed.any_rank(flag["stop"], self.world):  # between epochs: that checkpoint is on disk
                         raise TrainingInterrupted(self._interrupted(f"after epoch {self.state.epoch}"))
                     self._epoch(bar, flag)
         finally:
@@ -372,7 +372,7 @@ class Engine:
             stop = (
                 flag["stop"]
                 if not self.world.enabled
-                else (number % STOP_SYNC_EVERY == 0 and ddp.any_rank(flag["stop"], self.world))
+                else (number % STOP_SYNC_EVERY == 0 and distributed.any_rank(flag["stop"], self.world))
             )
             if stop and number < len(self.batches):
                 self._accumulate(loss_sum, correct, count, started)
@@ -386,7 +386,7 @@ class Engine:
             torch.cuda.synchronize(self.device)
         self._accumulate(loss_sum, correct, count, started)
         loss_total, correct_total, n, seconds = state.running
-        loss_total, correct_total, n = ddp.sum_over_ranks([loss_total, correct_total, n], self.world)
+        loss_total, correct_total, n = distributed.sum_over_ranks([loss_total, correct_total, n], self.world)
         canary_started = time.perf_counter()
         clean, robust = canary(
             self.ctx.craft,
