@@ -20,11 +20,13 @@ Timings on a shared machine are noisy: run it on an idle one before trusting sma
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ from robustkit.models.zoo import digits_cnn
 from robustkit.threat import ThreatModel
 
 DEFENCES = ("plain", "fgsm-rs", "atta", "pgd-at", "free", "trades")
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 PGD_STEPS = 7
 
 
@@ -182,8 +185,26 @@ def resnet18(classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+#: robustkit's defences and the modes of ../shared/bench/reference_training.py they match
+REFERENCE_MODES = {"plain": "plain", "fgsm-rs": "fgsm_rs", "pgd-at": f"pgd{PGD_STEPS}"}
+VARIANTS = (("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+channels_last", "bf16", True))
+
+
+def load_reference(path: Path) -> Any | None:
+    """The plain-PyTorch reference loop, imported from its file (None, said, when absent)."""
+    if not path.is_file():
+        logging.warning("no reference loop at %s: robustkit's figures are shown without ratios", path)
+        return None
+    spec = importlib.util.spec_from_file_location("reference_training", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def resnet_table(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Images/s of the second of two epochs (the first pays kernel selection)."""
+    """Images/s of robustkit's second of two epochs (the first pays kernel selection) beside the
+    reference loop's epoch on the same images, batch, device and precision, in the same run."""
     generator = torch.Generator().manual_seed(0)
     n = args.resnet_images
     data = Dataset(
@@ -194,13 +215,14 @@ def resnet_table(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.rand(n, 3, 32, 32, generator=generator),
         torch.randint(0, 10, (n,), generator=generator),
     )
+    assert data.x_train is not None and data.y_train is not None
+    reference = load_reference(args.reference)
+    device = torch.device(args.device)
+    x_ref, y_ref = data.x_train.to(device), data.y_train.to(device)
     threat = ThreatModel("linf", 8 / 255)
     rows = []
     for name in args.defences:
-        for variant, precision, channels_last in (
-            ("fp32", "fp32", False),
-            ("bf16+channels_last", "bf16", True),
-        ):
+        for variant, precision, channels_last in (v for v in VARIANTS if v[0] in args.resnet_variants):
             torch.manual_seed(0)
             defence = make_defence(
                 name,
@@ -209,19 +231,26 @@ def resnet_table(args: argparse.Namespace) -> list[dict[str, Any]]:
                 val_fraction=0.02,
                 canary_steps=1,
                 canary_size=64,
+                augment="none",  # the reference loop does not augment
                 **({"replays": 1} if name == "free" else {}),
             )
             run = RunConfig(device=args.device, precision=precision, channels_last=channels_last, progress=False)
             history = train(defence, resnet18(), data, threat, run)["history"]
             trained = len(data.y_train) - round(0.02 * len(data.y_train))
-            rows.append(
-                {
-                    "defence": name,
-                    "variant": variant,
-                    "images_per_s": round(trained * defence.replays / history[-1]["seconds"], 1),
-                }
-            )
-            logging.info("%s", rows[-1])
+            row: dict[str, Any] = {
+                "defence": name,
+                "variant": variant,
+                "images_per_s": round(trained * defence.replays / history[-1]["seconds"], 1),
+            }
+            if reference is not None and name in REFERENCE_MODES:
+                ips = reference.epoch(REFERENCE_MODES[name], variant, x_ref, y_ref, args.resnet_batch, device.type)
+                row["reference_images_per_s"] = round(ips, 1)
+                row["ratio"] = round(row["images_per_s"] / ips, 3)
+                # bf16 targets are judged only where the hardware has bf16 (AVX2 runs reference kernels)
+                row["judged"] = precision == "fp32" or device.type == "cuda" or "AVX512" in CPU_CAPABILITY
+                row["meets_0.95"] = row["ratio"] >= 0.95
+            rows.append(row)
+            logging.info("%s", row)
     return rows
 
 
@@ -250,6 +279,18 @@ def main() -> None:
         help="synthetic 3x32x32 images per ResNet-18 epoch (0 skips; default 50,000 on a GPU)",
     )
     parser.add_argument("--resnet-batch", type=int, default=512)
+    parser.add_argument(
+        "--resnet-variants",
+        default=",".join(v[0] for v in VARIANTS) if torch.cuda.is_available() or "AVX512" in CPU_CAPABILITY else "fp32",
+        type=lambda s: s.split(","),
+        help="precision variants of the ResNet-18 rows (default: all where bf16 is fast, else fp32 only)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "reference_training.py",
+        help="the plain-PyTorch loop timed beside robustkit on the ResNet-18 (default: ../shared/bench/)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
     logging.basicConfig(
@@ -262,6 +303,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report: dict[str, Any] = {
         "device": device_name,
+        "cpu_capability": CPU_CAPABILITY,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "epochs": args.epochs,
@@ -305,7 +347,10 @@ def print_report(report: dict[str, Any]) -> None:
     for target, met in report["targets"].items():
         print(f"[{'met' if met else 'MISSED'}] {target}")
     for row in report.get("resnet18", []):
-        print(f"resnet18 {row['defence']:8s} {row['variant']:20s} {row['images_per_s']:10.1f} img/s")
+        versus = (f"  reference {row['reference_images_per_s']:8.1f} img/s  ratio {row['ratio']:.2f}"
+                  + ("" if row["judged"] else " (bf16 not judged: no bf16 instructions here)")
+                  if "ratio" in row else "")
+        print(f"resnet18 {row['defence']:8s} {row['variant']:20s} {row['images_per_s']:10.1f} img/s{versus}")
 
 
 if __name__ == "__main__":
