@@ -105,3 +105,18 @@ def test_ctrl_c_before_any_result_says_so_and_exits_130(
     monkeypatch.setattr("robustkit.audit.run.load_model", interrupted)
     result = audit(tmp_path / "audit")
     assert result.exit_code == 130 and "interrupted before any result was written" in result.stderr
+
+
+def test_export_refuses_a_report_the_model_as_loaded_does_not_reproduce(
+    tmp_path: Path, weights: Path, audit: Any
+) -> None:
+    out = tmp_path / "audit"
+    assert audit(out).exit_code == 0
+    common = ["export", str(weights), "--arch", "builtin:digits-cnn", "--format", "safetensors", "--report",
+              str(out / "report.json"), "--samples", "128"]
+    # the same file with other --mean/--std is another model: its figures would be wrong
+    result = CliRunner().invoke(cli, [*common, "--mean", "0.9", "--std", "0.05", "--out", str(tmp_path / "a.st")])
+    assert result.exit_code == 1 and "does not describe the model as loaded now" in result.stderr, result.output
+    assert not (tmp_path / "a.st").exists()
+    result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 0, result.output

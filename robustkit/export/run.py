@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -246,6 +247,26 @@ def robustness_from_report(report: dict[str, Any], sha256: str) -> dict[str, Any
     }
 
 
+#: Two clean accuracies (the report's, this export's) differ beyond chance above this z-score
+#: (two-proportion test; 3.3 is p < 0.001, so a different subset of the same data passes).
+REPORT_MISMATCH_Z = 3.3
+
+
+def check_report_matches(report: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Refuse a report whose clean accuracy this model, as loaded now, does not reproduce on the
+    verification data: the same weights with other --mean/--std (or other data) would embed
+    figures that are not this file's."""
+    here = float((predict_logits(model, x).argmax(1).cpu() == y.cpu()).float().mean())
+    theirs, n_theirs, n_here = float(report["clean_accuracy"]), int(report["n"]), len(y)
+    pooled = (theirs * n_theirs + here * n_here) / (n_theirs + n_here)
+    spread = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n_theirs + 1 / n_here))
+    if abs(here - theirs) / spread > REPORT_MISMATCH_Z:
+        raise RobustkitError(
+            f"this model scores {here:.1%} clean on the verification data, the report {theirs:.1%}: it does not "
+            "describe the model as loaded now (check --mean/--std and --data against the audit's)"
+        )
+
+
 def quick_robustness(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, data: str) -> dict[str, Any]:
     """Clean accuracy and PGD robust accuracy at one eps: one attack's upper bound, not an audit."""
     from robustkit.audit.engine import NamedAttack, evaluate
@@ -329,6 +350,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     threat = _threat(config, report, data.bounds)
     if report is not None:
         robustness: dict[str, Any] | None = robustness_from_report(report, loaded.sha256)
+        check_report_matches(report, loaded.model, x, y)
     elif config.audit:
         robustness = quick_robustness(loaded.model, x, y, threat, config.data)
     else:
