@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from robustkit.cli.common import data_for, load_options, model_options, option_pairs
+from robustkit.cli.common import data_for, load_options, model_options
 
 
 @click.command()
@@ -15,7 +15,8 @@ from robustkit.cli.common import data_for, load_options, model_options, option_p
 @model_options
 @click.option("--format", "fmt", default="onnx", show_default=True,
               help="Exporter name (see `robustkit exporters list`), e.g. onnx or safetensors.")
-@option_pairs
+@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+              help="A parameter of the exporter, e.g. -o opset 17 (see `robustkit exporters show NAME`).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file [default: exports/NAME.onnx, with the exporter's suffix].")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False, path_type=Path),

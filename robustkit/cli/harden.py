@@ -82,15 +82,16 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     "--defence",
     "--defense",
     "defence",
-    help="Training defence, e.g. pgd-at, fgsm-rs, atta, free, trades.",
+    help="Training defence, e.g. pgd-at, fgsm-rs, atta, free, trades [required unless --recipe names one].",
 )
 @click.option("--recipe", help="A published configuration (defence, optimizer, schedule, eps, ...); "
               "flags override it. See `robustkit recipes list`.")
 @model_options
 @click.option("--threat", default="linf", show_default=True, help="linf or l2 (or NORM:EPS).")
 @click.option("--eps", help="Radius in input units, e.g. 8/255 (default: 8/255 for linf, 0.5 for l2).")
-@click.option("--epochs", type=int, help="Passes over the training data.")
-@click.option("--batch-size", type=int, help="Global batch size (split over torchrun processes).")
+@click.option("--epochs", type=int, help="Passes over the training data [default: the defence's or recipe's; 15].")
+@click.option("--batch-size", type=int,
+              help="Global batch size, split over torchrun processes [default: the defence's or recipe's; 64].")
 @click.option(
     "-o",
     "--option",
