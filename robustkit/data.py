@@ -460,6 +460,8 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray:
     return array if array.ndim == 3 else array[..., None]
 
 
+#: Seed of the images an audit with --limit draws from an image folder.
+LIMIT_SEED = 0
 #: Sub-folders that make an image folder a split data set: training images, then evaluation.
 TRAIN_FOLDER = "train"
 EVAL_FOLDERS = ("val", "test")
@@ -474,7 +476,9 @@ def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
     if not train.is_dir() or evaluation is None:
         return _load_class_folders(path, limit)
     data = _load_class_folders(evaluation, limit)
-    data.name, data.source = path.name, str(path)
+    data.name = path.name
+    if limit is None:
+        data.source = str(path)
     if limit is not None:  # an audit with --limit reads only the evaluation images it needs
         return data
     trained = _load_class_folders(train, None)
@@ -491,38 +495,43 @@ def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
     Only regular files with an image suffix are read, each only by the decoder of an image
     format (never a plug-in that runs a program, such as EPS through Ghostscript), under
     :func:`max_array_bytes` for every image and for all of them together. With ``limit``
-    only the first ``limit`` images (in class, then file-name order) are decoded.
+    only ``limit`` images are decoded, drawn at random (seed ``LIMIT_SEED``) from all classes:
+    the first files in class order would leave the last classes out.
     """
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path}: an image folder needs one sub-folder per class")
+    files = [(file, index) for index, name in enumerate(classes) for file in sorted((path / name).iterdir())
+             # notes, sub-folders, and pipes or devices that would block or never end are skipped
+             if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file()]
+    if limit is not None and limit < len(files):
+        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(LIMIT_SEED))[:limit]
+        files = [files[i] for i in sorted(chosen.tolist())]
     images: list[np.ndarray] = []
     labels: list[int] = []
     size = None
     total = 0
     with _image_limits() as max_pixels:
-        for index, name in enumerate(classes):
-            for file in sorted((path / name).iterdir()):
-                if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
-                    continue  # notes, sub-folders, and pipes or devices that would block or never end
-                if limit is not None and len(images) >= limit:
-                    break
-                array = _read_image(file, max_pixels)
-                if size is None:
-                    size = array.shape
-                if array.shape != size:
-                    raise DataError(f"{file}: size {array.shape[:2]} differs from {size[:2]} (or its channels do); "
-                                    "resize all images to one size")
-                total += array.nbytes
-                message = over_limit(f"{path}: the images up to {file.name}", total)
-                if message:
-                    raise DataError(message)
-                images.append(array)
-                labels.append(index)
+        for file, index in files:
+            array = _read_image(file, max_pixels)
+            if size is None:
+                size = array.shape
+            if array.shape != size:
+                raise DataError(f"{file}: size {array.shape[:2]} differs from {size[:2]} (or its channels do); "
+                                "resize all images to one size")
+            total += array.nbytes
+            message = over_limit(f"{path}: the images up to {file.name}", total)
+            if message:
+                raise DataError(message)
+            images.append(array)
+            labels.append(index)
     if not images:
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.int64)
+    if limit is not None:
+        source = f"{path} (a random {len(images)} of its images, seed {LIMIT_SEED}, from every class)"
+        return Dataset(path.name, x, y, len(classes), class_names=classes, source=source)
     return Dataset(path.name, x, y, len(classes), class_names=classes, source=str(path))
 
 

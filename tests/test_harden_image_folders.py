@@ -41,6 +41,7 @@ def test_train_and_val_folders_load_as_both_splits(folders: Path) -> None:
     assert data.class_names == [f"class{k}" for k in range(10)]
     limited = load_dataset(str(folders), limit=16)
     assert len(limited.y) == 16 and limited.x_train is None
+    assert len(set(limited.y.tolist())) >= 6 and "random 16" in limited.source  # drawn from every class, said
 
 
 def test_harden_trains_on_an_image_folder(folders: Path, tmp_path: Path) -> None:
