@@ -57,7 +57,8 @@ def print_result(result: dict[str, Any]) -> None:
     stdout.print(f"[bold]{result['path']}[/] ({result['format']}{how}) written and verified on {checks['samples']} "
                  f"samples")
     if "dynamo_failed" in details:
-        stdout.print(f"  dynamo exporter not used: {details['dynamo_failed']}")
+        stdout.print(f"  written by torch's TorchScript-based ONNX exporter; the newer dynamo exporter was tried "
+                     f"first and not used: {details['dynamo_failed']}")
     stdout.print(f"  outputs: max abs diff {checks['max_abs_diff']:.2g} at batch sizes "
                  f"{', '.join(map(str, checks['batch_sizes']))}; "
                  f"argmax agreement {100 * checks['argmax_agreement']:.0f}%")

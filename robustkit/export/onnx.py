@@ -89,7 +89,8 @@ def _dynamo(model: nn.Module, example: Tensor, opset: int) -> Any:
     assert program is not None
     proto = program.model_proto
     if _opset(proto) != opset:
-        raise RobustkitError(f"it produced opset {_opset(proto)}, not the requested {opset}")
+        raise RobustkitError(f"it writes opset {_opset(proto)} and the export targets opset {opset} "
+                             "(the opset parameter)")
     return proto
 
 
