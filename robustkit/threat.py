@@ -58,6 +58,18 @@ def parse_number(text: str | float | int) -> float:
     return value
 
 
+def eps_text(value: float) -> str:
+    """An eps as people write it: ``0.1`` when that is short, else ``8/255`` for a multiple of
+    1/255 (pixel levels: 0.0313725 is 8/255), else the number."""
+    short = f"{value:.4g}"
+    if float(short) == value or abs(float(short) - value) < 1e-12:
+        return short
+    levels = value * 255
+    if value > 0 and abs(levels - round(levels)) < 1e-6 * max(1.0, levels):
+        return f"{round(levels)}/255"
+    return f"{value:g}"
+
+
 def per_sample_norm(delta: Tensor, norm: Norm | str) -> Tensor:
     """The norm of each sample's perturbation, shape (N,), computed in fp32."""
     norm = Norm.parse(norm)

@@ -11,7 +11,7 @@ import torch
 from robustkit.attacks.native import PGD, PGDParams
 from robustkit.errors import ParamsError, RobustkitError
 from robustkit.params import coerce, describe, param
-from robustkit.threat import Norm, ThreatModel, parse_number, per_sample_norm
+from robustkit.threat import Norm, ThreatModel, eps_text, parse_number, per_sample_norm
 
 
 @pytest.mark.parametrize(
@@ -241,3 +241,12 @@ def test_describe_lists_types_defaults_and_help() -> None:
     assert infos["step_size"].type == "float?" and infos["step_size"].default is None
     assert infos["precision"].type == "fp32|bf16|fp16"
     assert all(i.help for i in infos.values())
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(8 / 255, "8/255"), (2 / 255, "2/255"), (0.1, "0.1"), (0.2, "0.2"), (0.5, "0.5"), (1.0, "1"),
+     (float(torch.tensor(8 / 255, dtype=torch.float32)), "8/255"), (0.0314, "0.0314"), (1e-5, "1e-05")],
+)
+def test_eps_is_shown_as_people_write_it(value: float, text: str) -> None:
+    assert eps_text(value) == text

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from robustkit.audit.checks import Check
 from robustkit.io import write_set
+from robustkit.threat import eps_text
 
 SCHEMA_VERSION = "1.1"
 #: Keys every report.json carries (what readers such as export's ``read_report`` check; the
@@ -60,7 +61,8 @@ class ResultRow:
     skipped: int = 0
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"attack": self.attack, "norm": self.norm, "eps": self.eps, "robust_accuracy": self.robust_accuracy,
+        return {"attack": self.attack, "norm": self.norm, "eps": self.eps, "eps_text": eps_text(self.eps),
+                "robust_accuracy": self.robust_accuracy,
                 "ci95": list(self.ci95), "seconds": self.seconds, "attacked": self.attacked,
                 "skipped": self.skipped, "gradients": self.gradients, "scope": self.scope,
                 "params": _plain(self.params)}
@@ -79,7 +81,8 @@ class WorstCaseRow:
     certified_ci95: Interval | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm, "eps": self.eps, "robust_accuracy": self.robust_accuracy, "ci95": list(self.ci95),
+        return {"norm": self.norm, "eps": self.eps, "eps_text": eps_text(self.eps),
+                "robust_accuracy": self.robust_accuracy, "ci95": list(self.ci95),
                 "certified_accuracy": self.certified_accuracy,
                 "certified_ci95": None if self.certified_ci95 is None else list(self.certified_ci95)}
 
@@ -272,6 +275,8 @@ def plot_png(report: AuditReport) -> bytes:
             ax.plot([0.0] + [r.eps for r in proven], [100 * clean] + [100 * r.accuracy for r in proven],
                     color="black", linestyle="--", linewidth=1.6, label="certified (proven lower bound)")
     ax.set_xlabel(f"eps ({report.threat.norm}, input units)")
+    ticks = [0.0, *report.threat.eps]
+    ax.set_xticks(ticks, ["0", *(eps_text(e) for e in report.threat.eps)], fontsize=8)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -341,12 +346,14 @@ def render_markdown(report: AuditReport) -> str:
         "|---|---|---|---|---|",
     ]
     for row in report.results:
-        lines.append(f"| {row.attack} | {row.eps:g} | {_pct(row.robust_accuracy)} | {_ci(row.ci95)} "
+        lines.append(f"| {row.attack} | {eps_text(row.eps)} | {_pct(row.robust_accuracy)} | {_ci(row.ci95)} "
                      f"| {row.seconds:.2f} |")
     for worst in report.worst_case:
-        lines.append(f"| **worst case** | {worst.eps:g} | **{_pct(worst.robust_accuracy)}** | {_ci(worst.ci95)} | |")
+        lines.append(f"| **worst case** | {eps_text(worst.eps)} | **{_pct(worst.robust_accuracy)}** "
+                     f"| {_ci(worst.ci95)} | |")
     for proven in _certified_rows(report):
-        lines.append(f"| certified (proven) | {proven.eps:g} | {_pct(proven.accuracy)} | {_ci(proven.ci95)} | |")
+        lines.append(f"| certified (proven) | {eps_text(proven.eps)} | {_pct(proven.accuracy)} "
+                     f"| {_ci(proven.ci95)} | |")
     lines += ["", "## Checks", "", "| check | status | detail |", "|---|---|---|"]
     lines += [f"| {c.name} | {c.status} | {c.detail} |" for c in report.checks]
     for section in report.sections:
@@ -363,13 +370,13 @@ def render_html(report: AuditReport, png: bytes) -> str:
         f'<div class="banner {s}">{esc(s.upper())}: {esc(t)}</div>' for s, t in _banners(report)
     )
     result_rows = "".join(
-        f"<tr><td>{esc(r.attack)}</td><td>{r.eps:g}</td><td>{_pct(r.robust_accuracy)}</td>"
+        f"<tr><td>{esc(r.attack)}</td><td>{eps_text(r.eps)}</td><td>{_pct(r.robust_accuracy)}</td>"
         f"<td>{_ci(r.ci95)}</td><td>{r.seconds:.2f}</td></tr>" for r in report.results
     ) + "".join(
-        f"<tr class=worst><td>worst case</td><td>{w.eps:g}</td><td>{_pct(w.robust_accuracy)}</td>"
+        f"<tr class=worst><td>worst case</td><td>{eps_text(w.eps)}</td><td>{_pct(w.robust_accuracy)}</td>"
         f"<td>{_ci(w.ci95)}</td><td></td></tr>" for w in report.worst_case
     ) + "".join(
-        f"<tr><td>certified (proven)</td><td>{p.eps:g}</td><td>{_pct(p.accuracy)}</td>"
+        f"<tr><td>certified (proven)</td><td>{eps_text(p.eps)}</td><td>{_pct(p.accuracy)}</td>"
         f"<td>{_ci(p.ci95)}</td><td></td></tr>" for p in _certified_rows(report)
     )
     check_rows = "".join(

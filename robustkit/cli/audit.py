@@ -71,6 +71,7 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
     from rich.table import Table
 
     from robustkit.console import stdout
+    from robustkit.threat import eps_text
 
     colours = {"pass": "green", "warn": "yellow", "fail": "red", "untested": "cyan"}
     caveat = report["config"]["suite"]["caveat"]
@@ -83,14 +84,14 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
     table = Table("attack", "eps", "robust acc.", "95% CI", "s",
                   title="robust accuracy" + (" (cumulative, cascade)" if report["mode"] == "cascade" else ""))
     for row in report["results"]:
-        table.add_row(row["attack"], f"{row['eps']:g}", f"{100 * row['robust_accuracy']:.1f}%",
+        table.add_row(row["attack"], eps_text(row["eps"]), f"{100 * row['robust_accuracy']:.1f}%",
                       f"{100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}", f"{row['seconds']:.1f}")
     for row in report["worst_case"]:
-        table.add_row("[bold]worst case", f"{row['eps']:g}", f"[bold]{100 * row['robust_accuracy']:.1f}%",
+        table.add_row("[bold]worst case", eps_text(row["eps"]), f"[bold]{100 * row['robust_accuracy']:.1f}%",
                       f"{100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}", "")
     for row in report["worst_case"]:
         if row.get("certified_accuracy") is not None:
-            table.add_row("certified (proven)", f"{row['eps']:g}", f"{100 * row['certified_accuracy']:.1f}%",
+            table.add_row("certified (proven)", eps_text(row["eps"]), f"{100 * row['certified_accuracy']:.1f}%",
                           f"{100 * row['certified_ci95'][0]:.1f}-{100 * row['certified_ci95'][1]:.1f}", "")
     stdout.print(table)
     certification = report["certification"]
