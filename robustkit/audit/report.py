@@ -247,43 +247,49 @@ def _ci(ci: Sequence[float]) -> str:
     return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", "-.", ":")
+
+
 def plot_png(report: AuditReport) -> bytes:
     """Robust accuracy against eps for each attack and the worst case, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.0), dpi=110)  # no pyplot: its global backend and figure list stay untouched
+    fig = Figure(figsize=(8.4, 4.2), dpi=110)  # no pyplot: its global backend and figure list stay untouched
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     clean = report.clean_accuracy
     by_attack: dict[str, list[tuple[float, float]]] = {}
     for row in report.results:
         by_attack.setdefault(row.attack, []).append((row.eps, row.robust_accuracy))
-    for name, points in by_attack.items():
+    for number, (name, points) in enumerate(by_attack.items()):
         ordered = sorted([(0.0, clean), *points])
-        ax.plot([e for e, _ in ordered], [100 * a for _, a in ordered], marker="o", linewidth=1.2, label=name)
+        # a marker and a dash pattern of its own: lines that coincide stay visible
+        ax.plot([e for e, _ in ordered], [100 * a for _, a in ordered], marker=_MARKERS[number % len(_MARKERS)],
+                linestyle=_DASHES[number % len(_DASHES)], linewidth=1.2, markersize=5, zorder=3, label=name)
     if report.worst_case:
         rows = sorted(report.worst_case, key=lambda r: r.eps)
         eps = [0.0] + [r.eps for r in rows]
         worst = [100 * clean] + [100 * r.robust_accuracy for r in rows]
         low = [100 * clean] + [100 * r.ci95[0] for r in rows]
         high = [100 * clean] + [100 * r.ci95[1] for r in rows]
-        ax.plot(eps, worst, color="black", linewidth=2.4, label="worst case")
+        ax.plot(eps, worst, color="black", linewidth=2.4, alpha=0.55, zorder=1, label="worst case")  # under the attacks
         ax.fill_between(eps, low, high, color="black", alpha=0.12, label="worst case 95% CI")
         proven = _certified_rows(report)
         if proven:
             ax.plot([0.0] + [r.eps for r in proven], [100 * clean] + [100 * r.accuracy for r in proven],
                     color="black", linestyle="--", linewidth=1.6, label="certified (proven lower bound)")
     ax.set_xlabel(f"eps ({report.threat.norm}, input units)")
-    ticks = [0.0, *report.threat.eps]
-    ax.set_xticks(ticks, ["0", *(eps_text(e) for e in report.threat.eps)], fontsize=8)
+    ax.set_xticks(list(report.threat.eps), [eps_text(e) for e in report.threat.eps], fontsize=8)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing to label when no attack ran
-        ax.legend(fontsize=8)
-    scope = " (cascade: each line includes the attacks before it)" if report.mode == "cascade" else ""
-    ax.set_title("robust accuracy against eps" + scope + ("" if report.complete else " INCOMPLETE"), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no attack ran; beside the plot, off the points
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    scope = "\ncascade: each line includes the attacks before it" if report.mode == "cascade" else ""
+    ax.set_title(("INCOMPLETE (interrupted): " if not report.complete else "") + "robust accuracy against eps"
+                 + scope, fontsize=9, color="black" if report.complete else "#b42318")
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")

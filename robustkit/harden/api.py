@@ -179,18 +179,19 @@ def plot_curves(history: list[dict[str, Any]], title: str) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(9.0, 3.6), dpi=110)
+    fig = Figure(figsize=(11.0, 3.8), dpi=110)
     FigureCanvasAgg(fig)
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
     loss_ax.plot(epochs, [r["loss"] for r in history], marker="o", linewidth=1.2)
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key, label in (
-        ("val_clean", "clean (validation)"),
-        ("val_robust", "robust (validation canary)"),
-        ("train_adv_accuracy", "training examples"),
+    for key, label, marker, dashes in (
+        ("val_clean", "clean (validation)", "o", "-"),
+        ("val_robust", "robust (validation canary)", "s", "--"),
+        ("train_adv_accuracy", "training examples", "^", ":"),
     ):
-        acc_ax.plot(epochs, [100 * r[key] for r in history], marker="o", linewidth=1.2, label=label)
+        acc_ax.plot(epochs, [100 * r[key] for r in history], marker=marker, linestyle=dashes, linewidth=1.2,
+                    markersize=4, label=label)
     for record in history:
         if record.get("overfit"):
             acc_ax.axvline(record["epoch"], color="red", linestyle=":", linewidth=1.2)
@@ -198,7 +199,7 @@ def plot_curves(history: list[dict[str, Any]], title: str) -> bytes:
     if best:
         acc_ax.axvline(best[-1], color="black", linestyle="--", linewidth=1.0, label=f"best (epoch {best[-1]})")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title="accuracy")
-    acc_ax.legend(fontsize=7)
+    acc_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
