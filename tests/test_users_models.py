@@ -52,3 +52,12 @@ def test_one_mean_for_three_channels_is_refused(user_folder: Path) -> None:
     assert result.stderr.count("\n") == 1
     result = audit("--mean", "0.5,0.5,0.5,0.5", "--std", "0.25,0.25,0.25,0.25")
     assert result.exit_code == 1 and "4 value(s)" in result.stderr
+
+
+def test_channels_last_data_is_named_with_the_fix(user_folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(user_folder / "nhwc.npz", x=rng.random((32, 8, 8, 3), dtype=np.float32), y=rng.integers(0, 10, 32))
+    result = CliRunner().invoke(cli, ["audit", "mine.safetensors", "--arch", "mynets:net", "--data", "nhwc.npz",
+                                      "--attack", "fgsm"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "(8, 8, 3)" in result.stderr and "channels-last" in result.stderr and "transpose" in result.stderr
