@@ -204,7 +204,7 @@ def check_model_output(model: Model, x: Tensor, num_classes: int | None = None) 
         if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
             hint = (f"; the data looks channels-last (H x W x C = {shape}): store it as N x C x H x W "
                     "(x.transpose(0, 3, 1, 2))")
-        raise RobustkitError(f"the model fails on the data's inputs of shape {shape}: {reason}{hint}") from None
+        raise RobustkitError(f"the model fails on inputs of shape {shape} (the data's): {reason}{hint}") from None
     if out.dim() != 2 or out.shape[0] != len(probe):
         raise RobustkitError(
             f"the model returns shape {tuple(out.shape)} for {len(probe)} inputs; expected (N, C) logits"
