@@ -49,8 +49,11 @@ class LoadedModel:
     sha256: str
     trusted_code: bool = False  #: True when a file that can run code was opened
     notes: list[str] = field(default_factory=list)
-    #: the mean/std the file's metadata says its network expects (robustkit's own safetensors)
+    #: the mean/std the network expects, as its file declares (robustkit's safetensors metadata)
+    #: or its library's config (a plugin's loader); wrapped by ``load_model``
     declared_normalisation: Normalisation | None = None
+    #: where ``declared_normalisation`` comes from, named in the notes and in a conflict's error
+    declared_by: str = "the file's metadata"
     #: the mean/std ``load_model`` wrapped around the network (from --mean/--std or the file)
     normalisation: Normalisation | None = None
 

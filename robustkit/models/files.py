@@ -52,6 +52,13 @@ _TENSOR_STATE = re.compile(r"collections\.OrderedDict|_codecs\.encode|torch\.(_u
                            r"|torch\.\w*Storage|torch\.(Size|device|dtype|float\w*|bfloat16|u?int\d*|bool)")
 
 T = TypeVar("T")
+#: Builds the network ``--arch`` names for the state dict about to fill it; a plugin's builder
+#: may read the state (robustkit-hub sizes timm's classifier from it), the default ignores it.
+ArchitectureBuilder = Callable[[str, dict[str, torch.Tensor]], nn.Module]
+
+
+def _named_architecture(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    return build_architecture(arch)
 
 
 def _one_line(err: BaseException) -> str:
@@ -194,7 +201,8 @@ def _weights_only_detail(message: str) -> str:
 # --- loaders ---------------------------------------------------------------------------------
 
 
-def _from_state_dict(path: Path, state: object, options: LoadOptions, fmt: str) -> LoadedModel:
+def _from_state_dict(path: Path, state: object, options: LoadOptions, fmt: str,
+                     build: ArchitectureBuilder) -> LoadedModel:
     if isinstance(state, dict):
         for key in ("state_dict", "model_state_dict", "model"):  # common checkpoint layouts
             if isinstance(state.get(key), dict):
@@ -203,7 +211,7 @@ def _from_state_dict(path: Path, state: object, options: LoadOptions, fmt: str) 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RobustkitError(f"{path.name} does not hold a state dict of tensors; save model.state_dict()")
     arch = _require_arch(path, options)
-    net = build_architecture(arch)
+    net = build(arch, state)
     load_state_dict_strict(net, state, path.name, arch)
     return LoadedModel(net, str(path), fmt, file_sha256(path), notes=[f"architecture {arch}"])
 
@@ -214,7 +222,7 @@ def _load_builtin(ref: str) -> LoadedModel:
                        notes=["built-in architecture with fresh (untrained) weights, seeded by torch's RNG"])
 
 
-def _load_safetensors(path: Path, options: LoadOptions) -> LoadedModel:
+def _load_safetensors(path: Path, options: LoadOptions, build: ArchitectureBuilder) -> LoadedModel:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -225,7 +233,7 @@ def _load_safetensors(path: Path, options: LoadOptions) -> LoadedModel:
                 metadata = handle.metadata() or {}
     except Exception as err:  # SafetensorError, OSError, ValueError, unknown dtypes, ...
         raise RobustkitError(f"{path.name} is not a valid safetensors file ({_one_line(err)})") from None
-    loaded = _from_state_dict(path, state, options, "safetensors")
+    loaded = _from_state_dict(path, state, options, "safetensors", build)
     loaded.declared_normalisation = _declared_normalisation(path, metadata)
     return loaded
 
@@ -251,7 +259,7 @@ def _not_readable(path: Path, err: BaseException) -> RobustkitError:
                           "or not written by torch.save")
 
 
-def _load_torch_file(path: Path, options: LoadOptions) -> LoadedModel:
+def _load_torch_file(path: Path, options: LoadOptions, build: ArchitectureBuilder) -> LoadedModel:
     if _is_torchscript(path):
         if not options.trust_code:
             raise _refuse(path, "a TorchScript file")
@@ -279,10 +287,10 @@ def _load_torch_file(path: Path, options: LoadOptions) -> LoadedModel:
             return LoadedModel(state, str(path), "pickled-module", file_sha256(path), trusted_code=True)
     except Exception as err:  # RuntimeError (zip), EOFError (empty), KeyError, ValueError, OSError, ...
         raise _not_readable(path, err) from None
-    return _from_state_dict(path, state, options, "state-dict")
+    return _from_state_dict(path, state, options, "state-dict", build)
 
 
-def _load_pickle(path: Path, options: LoadOptions) -> LoadedModel:
+def _load_pickle(path: Path, options: LoadOptions, build: ArchitectureBuilder) -> LoadedModel:
     """A raw pickle (or joblib file): refused, naming what it imports, unless the user trusts it."""
     if not options.trust_code:
         raise _refuse(path, "a pickle", _offending_global(path))
@@ -299,7 +307,7 @@ def _load_pickle(path: Path, options: LoadOptions) -> LoadedModel:
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, str(path), "pickled-module", file_sha256(path), trusted_code=True)
     if isinstance(obj, dict):
-        loaded = _from_state_dict(path, obj, options, "pickled-state-dict")
+        loaded = _from_state_dict(path, obj, options, "pickled-state-dict", build)
         loaded.trusted_code = True
         return loaded
     raise RobustkitError(f"{path.name} holds a {type(obj).__module__}.{type(obj).__qualname__}, not a "
@@ -317,8 +325,10 @@ def _load_exported_program(path: Path, options: LoadOptions) -> LoadedModel:
                        notes=["torch.export graph: its train/eval behaviour is the one it was exported in"])
 
 
-def load_model_file(ref: str, options: LoadOptions) -> LoadedModel | None:
-    """Load ``ref`` if it is a format robustkit knows; None lets other loaders try."""
+def load_model_file(ref: str, options: LoadOptions,
+                    build: ArchitectureBuilder = _named_architecture) -> LoadedModel | None:
+    """Load ``ref`` if it is a format robustkit knows; None lets other loaders try. ``build``
+    makes the network for weights-only files (plugins reuse the safe readers with their own)."""
     if ref.startswith("builtin:"):
         return _load_builtin(ref)
     path = Path(ref).expanduser()
@@ -332,13 +342,13 @@ def load_model_file(ref: str, options: LoadOptions) -> LoadedModel | None:
     if path.stat().st_size == 0:
         raise RobustkitError(f"model file {path.name} is empty (0 bytes); the save or download did not finish")
     if suffix == ".safetensors":
-        return _load_safetensors(path, options)
+        return _load_safetensors(path, options, build)
     if suffix in STATE_DICT_SUFFIXES:
-        return _load_torch_file(path, options)
+        return _load_torch_file(path, options, build)
     if suffix == ".pt2":
         return _load_exported_program(path, options)
     if suffix == ".onnx":
         from robustkit.models.onnx import load_onnx
 
         return load_onnx(path, options)
-    return _load_pickle(path, options)
+    return _load_pickle(path, options, build)

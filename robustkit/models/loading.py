@@ -151,7 +151,7 @@ def load_model(ref: str, options: LoadOptions | None = None) -> LoadedModel:
         mean, std = normalisation
         loaded.model = Normalized(loaded.model, mean, std)
         loaded.normalisation = normalisation
-        origin = "--mean/--std" if options.mean is not None else "the file's metadata"
+        origin = "--mean/--std" if options.mean is not None else loaded.declared_by
         loaded.notes.append(f"inputs normalised inside the model ({origin}): mean={list(mean)}, std={list(std)}")
     if isinstance(loaded.model, nn.Module):
         loaded.model = loaded.model.to(options.device).eval()
@@ -169,7 +169,7 @@ def _normalisation(ref: str, options: LoadOptions, loaded: LoadedModel) -> Norma
     ):
         raise RobustkitError(
             f"--mean/--std {list(given[0])}/{list(given[1])} contradict {ref}'s own normalisation "
-            f"{list(declared[0])}/{list(declared[1])} (in its metadata); drop --mean/--std"
+            f"{list(declared[0])}/{list(declared[1])} ({loaded.declared_by}); drop --mean/--std"
         )
     return given or declared
 
