@@ -268,3 +268,68 @@ def test_hook_robustkit_register_commands(host: Host, register_plugin: Register,
     assert "a plugin command 'audit' clashes with a built-in command; the built-in wins" in caplog.text
     assert invoke("greet", "you").stdout == "hello you\n"
     assert "not the real audit" not in invoke("audit", "--help").stdout
+
+
+def test_hook_robustkit_audit_job(host: Host, register_plugin: Register, tmp_path: Path) -> None:
+    from robustkit.audit.report import Section
+    from robustkit.audit.run import run_audit_report
+
+    asked: list[str] = []
+
+    class OwnAudit:
+        @hookimpl
+        def robustkit_audit_job(self, config: AuditConfig) -> Any:
+            asked.append(config.data)
+            if config.data == "refuse:me":
+                raise RobustkitError("refuse:me is not readable; give a .csv")
+            if config.data != "own:data":
+                return None  # robustkit's engine runs it
+            report = run_audit_report(dataclasses.replace(config, data="builtin:digits", out=None))
+            own = dataclasses.replace(report, sections=(Section("Own", "the job's section", "own"),))
+            return own, [{"index": 0, "label": 7, "clean_correct": True, "broken_at_eps": 2.0, "broken_by": "x",
+                          "proven_robust_to_eps": ""}]
+
+    class Sections:
+        @hookimpl
+        def robustkit_report_sections(self, report: dict[str, Any]) -> list[ReportSection] | None:
+            return [ReportSection("Added", f"{len(report['sections'])} before")]
+
+    register_plugin(OwnAudit(), "own")
+    register_plugin(Sections(), "sections")
+    weights = tmp_path / "cnn.safetensors"
+    save_file(trained_digits_model("cnn").state_dict(), str(weights))
+    config = AuditConfig(str(weights), data="own:data", load=LoadOptions(arch="builtin:digits-cnn"),
+                         attacks=("fgsm",), eps=(0.1,), limit=8, run_checks=False, out=tmp_path / "report")
+    report = run_audit(config)
+    assert asked == ["own:data", "builtin:digits"]  # the job's own inner audit falls through to robustkit
+    assert [(s["title"], s["plugin"]) for s in report["sections"]] == [("Own", "own"), ("Added", "sections")]
+    assert (tmp_path / "report" / "per_sample.csv").read_text().splitlines()[1] == "0,7,True,2.0,x,"
+    assert "## Own\n\nthe job's section" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(RobustkitError, match=r"^refuse:me is not readable; give a .csv$"):
+        run_audit(dataclasses.replace(config, data="refuse:me", out=None))
+
+
+def test_hook_robustkit_harden_job(host: Host, register_plugin: Register, tmp_path: Path) -> None:
+    from robustkit import HardenRequest, run_harden
+
+    class OwnHarden:
+        @hookimpl
+        def robustkit_harden_job(self, request: Any) -> dict[str, Any] | None:
+            if not request.data.endswith(".txt"):
+                return None
+            if request.defence == "crash":
+                raise ValueError("no tokenizer")
+            (request.run.out_dir / "trained").write_text(request.defence)
+            return {"defence": request.defence}
+
+    register_plugin(OwnHarden(), "own")
+    out = tmp_path / "run"
+    request = HardenRequest("model", "data.txt", "fgm", run=RunConfig(out_dir=out, progress=False))
+    assert run_harden(request) == {"defence": "fgm"} and (out / "trained").read_text() == "fgm"
+    with pytest.raises(RobustkitError, match=r"^plugin 'own' failed in robustkit_harden_job: ValueError: no tokenizer"):
+        run_harden(dataclasses.replace(request, defence="crash"))
+    (out / "checkpoint.pt").write_bytes(b"")  # robustkit's own check runs before any job is asked
+    with pytest.raises(RobustkitError, match="holds the checkpoint of an earlier run"):
+        run_harden(request)
+    with pytest.raises(RobustkitError, match="does not exist"):  # not the job's: robustkit's own harden
+        run_harden(HardenRequest("builtin:digits-cnn", "missing.npz", "pgd-at", run=RunConfig(out_dir=tmp_path / "x")))

@@ -60,6 +60,22 @@ def robustkit_load_model(ref: str, options: LoadOptions) -> LoadedModel | None:
     """
 
 
+@hookspec(firstresult=True)
+def robustkit_audit_job(config: Any) -> tuple[Any, list[dict[str, Any]]] | None:
+    """Run an audit that robustkit's image engine cannot (text, ...), or return None.
+
+    ``config`` is the ``AuditConfig``; returns the ``AuditReport`` and its per-sample rows, and
+    robustkit adds the other plugins' sections and writes the files, as for its own audits.
+    (Typed ``Any``: the audit and harden layers sit above the plugin layer.)
+    """
+
+
+@hookspec(firstresult=True)
+def robustkit_harden_job(request: Any) -> dict[str, Any] | None:
+    """Run a hardening job (``request``: a ``HardenRequest``) that robustkit's own cannot,
+    writing its outputs and returning the summary; or None."""
+
+
 @hookspec
 def robustkit_report_sections(report: dict[str, Any]) -> list[ReportSection] | None:
     """Extra sections for a report, given the report document (the JSON contract)."""

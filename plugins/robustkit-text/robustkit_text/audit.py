@@ -1,0 +1,301 @@
+"""``robustkit audit`` on a text classifier (the ``robustkit_audit_job`` hook).
+
+Robust accuracy is reported per edit budget k (``--eps 1,2,3``: the text analogue of eps),
+with Wilson intervals, in robustkit's report (``norm`` "edits"); the plugin's sections state
+the threat model, show examples and give the embedding-space PGD diagnostic apart from it.
+Each attack finds a sample's smallest number of edits, so a text broken with k edits counts
+as broken at every larger k (the cascade). In ``--mode cascade`` a later attack gets, per
+sample, only the budget below what the earlier ones needed. Every adversarial text is checked
+before it counts: re-tokenised from the string and classified again, its edits counted
+(token positions changed, or the character edit distance) against the budget.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from robustkit.audit import checks
+from robustkit.audit.engine import NEVER, AttackOutcome, Evaluation
+from robustkit.audit.report import (
+    AuditReport,
+    Certification,
+    ReportConfig,
+    ResultRow,
+    Section,
+    SuiteAttackRecord,
+    SuiteRecord,
+    Threat,
+    WorstCaseRow,
+    accuracy_ci,
+)
+from robustkit.audit.run import AuditConfig, per_sample_rows
+from robustkit.environment import environment
+from robustkit.errors import OptionError
+from robustkit.models.loading import check_model_output, load_model
+from robustkit.modules import predict_logits
+from robustkit.params import coerce, param
+from robustkit.threat import Norm, ThreatModel
+from robustkit_text.attacks import CharBug, HotFlip, RandomSubstitution, TextAttackResult, margins
+from robustkit_text.data import load_text_data
+from robustkit_text.embedding import pgd
+from robustkit_text.model import TextClassifier, as_classifier, encode_data
+from robustkit_text.threat import (
+    TextThreat,
+    allowed_matrix,
+    load_substitutions,
+    osa_distance,
+    parse_budgets,
+    token_edits,
+)
+
+ATTACKS = {"hotflip": HotFlip, "charbug": CharBug}
+PLUGIN = "text"
+
+
+@dataclass(frozen=True)
+class TextAuditOptions:
+    """``-o KEY VALUE`` of a text audit."""
+
+    substitutions: str = param("", "JSON of word -> allowed replacements for token substitutions ('' any token)")
+    beam: int = param(3, "HotFlip's beam width")
+    candidates: int = param(8, "HotFlip's exactly scored flips per beam")
+    char_ops: str = param("swap,delete,insert,substitute", "the character attack's operations")
+    embedding_eps: str = param("0.25,0.5,1", "radii of the embedding-space PGD diagnostic ('' skips it)")
+    embedding_steps: int = param(10, "steps of the embedding-space PGD diagnostic")
+
+
+def _attack_names(config: AuditConfig) -> list[str]:
+    names = [name.removeprefix("text:") for name in config.attacks] or list(ATTACKS)
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise OptionError(f"--attack {unknown[0]}: text audits run text:hotflip and text:charbug")
+    return list(dict.fromkeys(names))
+
+
+def run_text_audit(config: AuditConfig) -> tuple[AuditReport, list[dict[str, Any]]]:
+    started = time.perf_counter()
+    options = coerce(TextAuditOptions, dict(config.options), owner="text audit")
+    budgets = parse_budgets(config.eps)
+    text = load_text_data(config.data, limit=config.limit)
+    loaded = load_model(config.model, config.load)
+    model = as_classifier(loaded, config.model)
+    data = encode_data(model, text)
+    y = data.y
+    output_check = check_model_output(model, data.x, text.num_classes)
+    allowed, words = None, None
+    if options.substitutions:
+        allowed, words = allowed_matrix(load_substitutions(options.substitutions), model.tokenizer.get_vocab(),
+                                        model.embedding.num_embeddings)
+    threat = TextThreat(budgets, tuple(options.char_ops.split(",")), options.substitutions or None)
+    clean_logits = predict_logits(model, data.x)
+    clean_correct = clean_logits.argmax(1).cpu() == y
+    chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes)
+    names = _attack_names(config) if chance.status != "fail" else []
+    attacks: dict[str, Any] = {
+        "hotflip": HotFlip(beam=options.beam, candidates=options.candidates, allowed=allowed),
+        "charbug": CharBug(char_ops=options.char_ops, seed=config.seed),
+    }
+    outcomes, examples = [], {}
+    worst = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+    top = float(max(budgets))
+    for name in names:
+        # cascade: only the edits below what earlier attacks needed; per-attack: the full budget
+        limit = worst if config.mode == "cascade" else torch.where(clean_correct, torch.tensor(NEVER), 0.0)
+        own = (limit.clamp(max=top + 1) - 1).clamp(min=0).long() if config.mode == "cascade" else (
+            clean_correct.long() * int(top))
+        result = _run(name, attacks[name], model, data.x, y, text.texts, own)
+        broken_at, rejected = _validated(name, model, data.x, text.texts, y, result)
+        broken_at = torch.where(clean_correct, broken_at, torch.tensor(0.0))
+        outcome = AttackOutcome(f"text:{name}", _params(attacks[name]), broken_at.float(),
+                                seconds={float(k): result.seconds / len(budgets) for k in budgets},
+                                attacked={float(k): int((own >= k).sum()) for k in budgets}, rejected=rejected)
+        outcomes.append(outcome)
+        worst = torch.minimum(worst, broken_at)
+        examples[name] = [(text.texts[i], result.adversarial[i], int(broken_at[i]))
+                          for i in range(len(text.texts)) if 0 < broken_at[i] < NEVER][:3]
+    carriers = [ThreatModel(Norm.L1, float(k)) for k in budgets]  # an edit count carried where eps goes
+    evaluation = Evaluation(carriers, clean_correct, outcomes, config.mode == "cascade")
+    found = [chance]
+    if config.run_checks and outcomes:
+        found += _checks(config, model, data.x, y, evaluation, budgets, attacks, allowed, output_check)
+    report = AuditReport(
+        complete=True,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - started, 2),
+        n=evaluation.n,
+        clean_accuracy=evaluation.clean_accuracy,
+        clean_ci95=accuracy_ci(evaluation.clean_accuracy, evaluation.n),
+        threat=Threat("edits", tuple(float(k) for k in budgets), (0.0, 1.0)),
+        mode=config.mode,
+        attack_access="white-box (gradients)",  # a Hugging Face module; text:charbug uses its scores only
+        results=_rows(evaluation, config.mode == "cascade", [attacks[n] for n in names]),
+        worst_case=tuple(WorstCaseRow("edits", float(k), evaluation.worst_case(k), accuracy_ci(evaluation.worst_case(k),
+                                                                                                 evaluation.n))
+                         for k in budgets),
+        certification=Certification("off (no certificates for text)", 0.0),
+        checks=tuple(found),
+        model=loaded.describe(),
+        data={**data.describe(), **text.describe(), "limit": config.limit},
+        environment=environment(config.load.device),
+        config=ReportConfig(
+            suite=SuiteRecord("text", "discrete text attacks: token substitution and character edits", "",
+                              tuple(SuiteAttackRecord(f"text:{n}", _params(attacks[n])) for n in names),
+                              {"threat_model": threat.describe(words)}),
+            attacks=tuple(f"text:{n}" for n in names), batch_size=config.batch_size, seed=config.seed,
+            precision=config.precision, check_samples=config.check_samples),
+        sections=_sections(threat, words, examples, _diagnostic(model, data.x, y, clean_correct, options)),
+    )
+    return report, per_sample_rows(data, evaluation)
+
+
+def _params(attack: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(attack.params)
+
+
+def _run(name: str, attack: Any, model: TextClassifier, ids: Tensor, y: Tensor, texts: Sequence[str],
+         budgets: Tensor) -> TextAttackResult:
+    if name == "charbug":
+        return attack.run(model.classify, texts, y, budgets)
+    return attack.run(model, ids, y, budgets)
+
+
+def _validated(name: str, model: TextClassifier, ids: Tensor, texts: Sequence[str], y: Tensor,
+               result: TextAttackResult) -> tuple[Tensor, int]:
+    """``broken_at`` with every claimed success checked from the text itself: still misclassified
+    when re-tokenised, and within the edits claimed. Returns it and the number rejected."""
+    broken_at = result.broken_at.clone()
+    claimed = [i for i, text in enumerate(result.adversarial) if text is not None and broken_at[i] < NEVER]
+    if not claimed:
+        return broken_at, 0
+    adversarial = [str(result.adversarial[i]) for i in claimed]
+    wrong = model.classify(adversarial).argmax(1) != y[claimed]
+    if name == "charbug":
+        edits = torch.tensor([osa_distance(texts[i], a) for i, a in zip(claimed, adversarial)])
+    else:
+        edits = token_edits(ids[claimed], model.encode(adversarial, length=ids.shape[1]))
+    ok = wrong & (edits <= broken_at[claimed])
+    index = torch.tensor(claimed)
+    broken_at[index[~ok]] = NEVER
+    return broken_at, int((~ok).sum())
+
+
+def _rows(evaluation: Evaluation, cascade: bool, attacks: list[Any]) -> tuple[ResultRow, ...]:
+    rows = []
+    for index, (outcome, attack) in enumerate(zip(evaluation.outcomes, attacks)):
+        stacked = torch.stack([o.broken_at for o in evaluation.outcomes[: index + 1]]).min(0).values
+        for k in evaluation.eps:
+            accuracy = float(((stacked if cascade else outcome.broken_at) > k).float().mean())
+            rows.append(ResultRow(outcome.name, "edits", k, accuracy, accuracy_ci(accuracy, evaluation.n),
+                                  round(outcome.seconds[k], 4), outcome.attacked[k], attack.needs_gradients,
+                                  "cumulative" if cascade else "single attack", outcome.params))
+    return tuple(rows)
+
+
+def _checks(config: AuditConfig, model: TextClassifier, ids: Tensor, y: Tensor, evaluation: Evaluation,
+            budgets: tuple[int, ...], attacks: dict[str, Any], allowed: Tensor | None,
+            output_check: Any) -> list[checks.Check]:
+    x_sub, y_sub = checks.clean_subset(model, ids, y, config.check_samples, config.seed)
+    worst = [{"ci95": list(accuracy_ci(evaluation.worst_case(k), evaluation.n))} for k in budgets]
+    found = [checks.determinism(model, ids), checks.outputs(output_check), _gradients(model, x_sub, y_sub),
+             checks.validity(evaluation), checks.confidence(evaluation, worst)]
+    if len(x_sub) and "text:hotflip" in [o.name for o in evaluation.outcomes]:
+        hotflip = attacks["hotflip"]
+        found += [_black_box_vs_white_box(model, x_sub, y_sub, hotflip, allowed, max(budgets), config.seed),
+                  _monotone(model, x_sub, y_sub, hotflip, budgets)]
+    return found
+
+
+def _gradients(model: TextClassifier, ids: Tensor, y: Tensor) -> checks.Check:
+    """The embedding gradient HotFlip follows must be finite and not zero."""
+    from robustkit_text.embedding import zeros
+    from robustkit_text.model import perturbed
+
+    if not len(ids):
+        return checks.Check("gradients", "untested", "no clean-correct sample to take gradients at")
+    delta = zeros(model, ids).requires_grad_(True)
+    with perturbed(model.embedding, delta):
+        loss = torch.nn.functional.cross_entropy(model(ids), y)
+    (grad,) = torch.autograd.grad(loss, delta)
+    norms = grad.flatten(1).norm(dim=1)
+    if not bool(torch.isfinite(grad).all()):
+        return checks.Check("gradients", "fail", "non-finite embedding gradients: HotFlip's ranking is meaningless")
+    zero = int((norms == 0).sum())
+    detail = f"embedding gradients of {len(ids)} samples: {zero} zero, median norm {float(norms.median()):.2e}"
+    return checks.Check("gradients", "fail" if zero > len(ids) // 2 else "pass", detail)
+
+
+def _black_box_vs_white_box(model: TextClassifier, ids: Tensor, y: Tensor, hotflip: HotFlip,
+                            allowed: Tensor | None, k: int, seed: int) -> checks.Check:
+    """Random substitutions (black-box, the same edits) must not beat HotFlip (white-box)."""
+    budgets = torch.full((len(ids),), k)
+    white = hotflip.run(model, ids, y, budgets).broken_at
+    free = RandomSubstitution(seed=seed, allowed=allowed).run(model, ids, y, budgets).broken_at
+    beaten = int((free < white).sum())
+    detail = (f"at k <= {k} on {len(ids)} samples: random substitution broke {int((free < NEVER).sum())}, "
+              f"HotFlip {int((white < NEVER).sum())}; random needed fewer edits on {beaten}")
+    if not bool((white < NEVER).any()) and not bool((free < NEVER).any()):
+        return checks.Check("black-box <= white-box", "untested", detail + ": neither broke a sample")
+    status: checks.Status = "pass" if beaten <= 0.03 * len(ids) else ("fail" if beaten > 0.10 * len(ids) else "warn")
+    return checks.Check("black-box <= white-box", status, detail + ("" if status == "pass" else
+                        ": HotFlip's gradients mislead it (masked or saturated embeddings?)"))
+
+
+def _monotone(model: TextClassifier, ids: Tensor, y: Tensor, hotflip: HotFlip, budgets: tuple[int, ...]
+              ) -> checks.Check:
+    """Independent HotFlip runs at each k: robust accuracy must not rise with k."""
+    accs = [float((hotflip.run(model, ids, y, torch.full((len(ids),), k)).broken_at > k).float().mean())
+            for k in budgets]
+    listing = ", ".join(f"k={k}: {a:.1%}" for k, a in zip(budgets, accs))
+    if len(budgets) < 2 or len(set(accs)) == 1:
+        return checks.Check("monotone in k", "untested", f"flat or a single budget ({listing})")
+    rises = any(b > a + 1e-9 for a, b in itertools.pairwise(accs))
+    return checks.Check("monotone in k", "fail" if rises else "pass",
+                        f"text:hotflip run independently per k: {listing}")
+
+
+def _diagnostic(model: TextClassifier, ids: Tensor, y: Tensor, clean_correct: Tensor,
+                options: TextAuditOptions) -> list[tuple[float, float]]:
+    """(radius, accuracy) under embedding-space PGD: a training-time diagnostic, not a threat model."""
+    radii = [float(r) for r in options.embedding_eps.split(",") if r.strip()]
+    found = []
+    for radius in radii:
+        standing = 0
+        for start in range(0, len(ids), 256):
+            xb, yb = ids[start : start + 256], y[start : start + 256]
+            delta = pgd(model, xb, yb, radius, options.embedding_steps)
+            from robustkit_text.model import perturbed
+
+            with torch.no_grad(), perturbed(model.embedding, delta):
+                standing += int(((margins(model(xb), yb) > 0) & clean_correct[start : start + 256]).sum())
+        found.append((radius, standing / len(ids)))
+    return found
+
+
+def _sections(threat: TextThreat, words: int | None, examples: dict[str, list[tuple[str, str | None, int]]],
+              diagnostic: list[tuple[float, float]]) -> tuple[Section, ...]:
+    described = threat.describe(words)
+    lines = [f"- **{key.replace('_', ' ')}**: {value}" for key, value in described.items()]
+    lines.append("- robust accuracy at k is the share of texts no attack broke with k edits or fewer; bounds do "
+                 "not apply to text")
+    sections = [Section("Text threat model", "\n".join(lines), PLUGIN)]
+    shown = [f"- `{name}`, {k} edit(s): \"{a}\" -> \"{b}\"" for name, rows in examples.items() for a, b, k in rows]
+    if shown:
+        sections.append(Section("Adversarial examples", "\n".join(shown), PLUGIN))
+    if diagnostic:
+        table = ["| embedding radius (Frobenius) | accuracy |", "|---|---|"]
+        table += [f"| {r:g} | {100 * a:.1f}% |" for r, a in diagnostic]
+        sections.append(Section(
+            "Embedding-space PGD (training-time diagnostic)",
+            "Not a threat model: no input text realises an arbitrary point of the embedding space. It shows how "
+            "far the embedding-space training objective (FGM, PGD, FreeLB) holds.\n\n" + "\n".join(table), PLUGIN))
+    return tuple(sections)
+

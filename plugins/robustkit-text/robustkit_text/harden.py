@@ -1,0 +1,145 @@
+"""``robustkit harden`` on a text classifier (the ``robustkit_harden_job`` hook).
+
+Trains with a text defence (``text:plain|fgm|pgd|freelb``) in robustkit's shared loop, which
+writes ``checkpoint.pt`` and ``train_log.jsonl`` and continues with ``--resume``; before and
+after, the evaluation split is attacked with HotFlip at one edit. The output folder holds
+``model/`` (``save_pretrained``: config.json, model.safetensors, tokenizer files; what
+``robustkit audit`` and ``export`` load), ``config.json``, ``summary.json`` and ``curves.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustkit import __version__
+from robustkit.distributed import DistContext
+from robustkit.errors import RobustkitError
+from robustkit.harden import checkpoint
+from robustkit.harden.api import HardenRequest, params_dict, plot_curves, resolve_defence
+from robustkit.harden.loop import LOG_FILENAME, resolve_device
+from robustkit.io import atomic_write
+from robustkit.models.base import LoadOptions
+from robustkit.models.loading import load_model
+from robustkit.modules import predict_logits, seeded
+from robustkit.threat import parse_number
+from robustkit_text.attacks import HotFlip
+from robustkit_text.data import load_text_data
+from robustkit_text.defences import TextDefence, default_threat, describe_threat
+from robustkit_text.model import TextClassifier, as_classifier, encode_data
+
+log = logging.getLogger(__name__)
+
+SUMMARY_ATTACK = "text:hotflip at k = 1 edit (beam 3)"
+#: Share of an evaluation-only text file held out for the before/after summary.
+SPLIT_FRACTION = 0.2
+
+
+def robust_summary(model: TextClassifier, ids: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Clean accuracy and accuracy under HotFlip with one edit, on the evaluation split."""
+    right = (predict_logits(model, ids).argmax(1).cpu() == y)
+    broken = HotFlip().run(model, ids, y, right.long()).broken_at <= 1
+    return {"clean_accuracy": float(right.float().mean()), "robust_accuracy": float((right & ~broken).float().mean())}
+
+
+def _refuse_image_settings(request: HardenRequest) -> None:
+    given = {"--recipe": request.recipe, "--arch": request.arch, "--mean/--std": request.mean or request.std,
+             "--awp": request.awp, "--val-data": request.val_data,
+             "--threat NORM:EPS": ":" in request.threat or request.threat not in ("linf", "l2")}
+    refused = [flag for flag, value in given.items() if value]
+    if refused:
+        raise RobustkitError(f"{refused[0]} does not apply to text classifiers; text defences train in an l2 ball of "
+                             "the embedding output of radius --eps")
+
+
+def run_text_harden(request: HardenRequest) -> dict[str, Any]:
+    started = time.perf_counter()
+    _refuse_image_settings(request)
+    if request.defence is None:
+        raise RobustkitError("give --defence: text:plain, text:fgm, text:pgd or text:freelb")
+    name, defence = resolve_defence(request)
+    if not isinstance(defence, TextDefence):
+        raise RobustkitError(f"{name} is an image defence; text classifiers train with text:plain, text:fgm, "
+                             "text:pgd or text:freelb")
+    threat = default_threat(None if request.eps is None else parse_number(request.eps))
+    run = request.run
+    refused = defence.loop.refusals(run, 1)
+    if refused:
+        raise RobustkitError(f"text defences cannot honour {', '.join(refused)} yet; drop them")
+    world = DistContext()
+    if world.world_size > 1:
+        raise RobustkitError("text defences run in one process; drop torchrun")
+    text = load_text_data(request.data)
+    notes: list[str] = []
+    if text.train_texts is None:
+        from robustkit_text.data import TextDataset
+
+        order = torch.randperm(len(text.texts), generator=torch.Generator().manual_seed(0)).tolist()
+        held = max(1, round(SPLIT_FRACTION * len(order)))
+        pick = lambda rows, values: [values[i] for i in rows]  # noqa: E731
+        text = TextDataset(text.name, pick(order[:held], text.texts), pick(order[:held], text.labels),
+                           text.num_classes, pick(order[held:], text.texts), pick(order[held:], text.labels),
+                           text.source, text.columns)
+        notes.append(f"{request.data} has no training split: trained on a seeded {1 - SPLIT_FRACTION:.0%} of it, "
+                     f"{SPLIT_FRACTION:.0%} held out for the before/after summary")
+        log.warning("%s", notes[-1])
+    device = resolve_device(run.device, world)
+    loaded = load_model(request.model, LoadOptions(None, request.trust_code, None, None, str(device)))
+    model = as_classifier(loaded, request.model)
+    data = encode_data(model, text)
+    out = Path(run.out_dir or ".")
+    config = {"model": request.model, "data": request.data, "defence": name, "threat": describe_threat(threat),
+              "eps": threat.eps, "params": params_dict(defence), "precision": run.precision, "device": run.device,
+              "out": str(out), "environment": {"robustkit": __version__, "torch": torch.__version__,
+                                               "trust_code": request.trust_code}}
+    if not run.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+    with seeded(getattr(defence.params, "seed", 0), device):
+        before = robust_summary(model, data.x, data.y)
+        result = defence.apply(model, data, threat=threat, run=run)
+        after = robust_summary(model, data.x, data.y)
+    history = result.history
+    best = [r["epoch"] for r in history if r.get("best")]
+    summary = {
+        "model": request.model, "data": {**data.describe(), **text.describe()}, "recipe": None, "defence": name,
+        "params": params_dict(defence), "threat": f"embedding l2 (Frobenius), eps {threat.eps:g}",
+        "summary_attack": SUMMARY_ATTACK, "before": before, "after": after, "epochs_run": len(history),
+        "best_epoch": best[-1] if best else None, "stop_reason": history[-1].get("stop") if history else None,
+        "overfit_epochs": [r["epoch"] for r in history if r.get("overfit")], "notes": notes + result.notes,
+        "precision": run.precision, "world_size": 1, "seconds": round(time.perf_counter() - started, 2),
+        "outputs": {"model": str(out / "model"), "config": str(out / "config.json"),
+                    "summary": str(out / "summary.json"), "log": str(out / LOG_FILENAME),
+                    "checkpoint": str(out / checkpoint.FILENAME), "plot": str(out / "curves.png")},
+    }
+    if run.resume:
+        atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+    save_folder(model, out / "model")
+    if history:
+        atomic_write(out / "curves.png", plot_curves(history, f"{name} on {request.data}, {summary['threat']}"))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def save_folder(model: TextClassifier, folder: Path) -> None:
+    """``save_pretrained`` of the network and tokenizer into ``folder``, replaced as a whole: written
+    beside it first, so a failure leaves the previous folder."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.net.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+        model.tokenizer.save_pretrained(staging)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Entry point of the ``text`` provider.
+
+Imports only robustkit (which imports no torch until used), so discovering the plugin
+(``robustkit --help``) costs neither torch nor transformers; each hook imports what it needs.
+The audit and harden jobs take a request only when its data is text (a ``.csv``/``.jsonl``
+file or folder, ``text:sentiment``) and leave every other request to robustkit.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import robustkit
+
+if TYPE_CHECKING:
+    from robustkit import LoadedModel, LoadOptions, ProviderRegistry
+    from robustkit.audit.report import AuditReport
+    from robustkit.audit.run import AuditConfig
+    from robustkit.harden.api import HardenRequest
+
+
+@robustkit.hookimpl
+def robustkit_load_model(ref: str, options: LoadOptions) -> LoadedModel | None:
+    from robustkit_text.model import is_model_folder, load_folder
+
+    return load_folder(ref, options) if is_model_folder(ref) else None
+
+
+@robustkit.hookimpl
+def robustkit_register_defences(registry: ProviderRegistry[Any]) -> None:
+    from robustkit_text.defences import DEFENCES
+
+    for defence in DEFENCES:
+        registry.add(defence)
+
+
+@robustkit.hookimpl
+def robustkit_audit_job(config: AuditConfig) -> tuple[AuditReport, list[dict[str, Any]]] | None:
+    from robustkit_text.data import is_text_ref
+
+    if not is_text_ref(config.data):
+        return None
+    from robustkit_text.audit import run_text_audit
+
+    return run_text_audit(config)
+
+
+@robustkit.hookimpl
+def robustkit_harden_job(request: HardenRequest) -> dict[str, Any] | None:
+    from robustkit_text.data import is_text_ref
+
+    if not is_text_ref(request.data):
+        return None
+    from robustkit_text.harden import run_text_harden
+
+    return run_text_harden(request)
