@@ -1,12 +1,15 @@
 """What only a GPU can show, in one call (run it where a GPU is lent): robustkit's native
-attacks on CUDA, in fp32 and bf16, are as strong as on the CPU and deterministic for a seed.
+attacks on CUDA, in fp32 and bf16, are as strong as on the CPU and deterministic for a seed;
+and the tests marked ``cuda`` (``pytest -m cuda``: fp16 AMP, DDP over NCCL, the pinned loader).
 
     python benchmarks/gpu_check.py      # exits 1 if a check fails; prints one line per check
 """
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -44,6 +47,10 @@ def main() -> int:
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {attack!r}: robust accuracy {accuracy:.1%} on CUDA "
               f"(APGD-CE fp32 on the CPU: {on_cpu:.1%}), deterministic: {torch.equal(again, result.x_adv)}")
+    suite = Path(__file__).parents[1] / "tests"
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", str(suite)], check=False)
+    failed += tests.returncode != 0
+    print(f"{'ok  ' if tests.returncode == 0 else 'FAIL'} pytest -m cuda (fp16 AMP, DDP over NCCL, pinned loader)")
     return 1 if failed else 0
 
 

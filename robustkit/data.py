@@ -2,7 +2,11 @@
 
 Every data set reaches attacks as float tensors N x C x H x W in the bounds with integer
 labels, and every way that convention can be broken gets a one-line error saying what is
-wrong, where, and how to fix it.
+wrong, where, and how to fix it. One exception saves memory where data is largest: a
+training split stored as uint8 (an ``.npz`` ``x_train`` of uint8, a ``train/`` image folder)
+stays uint8 in memory, a quarter of float32, and ``float_inputs`` turns each batch into
+floats in [0, 1] where it is used (on the training device), with the very numbers a float
+loader would have produced.
 
 Data files are untrusted input: ``.npz`` archives are read member by member with
 :mod:`zipfile` (never unpickled), every array's declared shape and dtype are checked against
@@ -83,9 +87,23 @@ def over_limit(what: str, size: int) -> str | None:
             f"(set {MAX_ARRAY_BYTES_ENV}={enough} or more if you trust the file and have the memory)")
 
 
+#: uint8 value k as float32 k / 255, computed as the loaders always did (numpy float32 division):
+#: a lookup, so every device gives the same numbers (a GPU divides by a scalar as a multiplication).
+_UINT8_TO_FLOAT = torch.from_numpy(np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0)
+
+
+def float_inputs(x: Tensor) -> Tensor:
+    """``x`` as float inputs: uint8 images (k standing for k/255) as float32 in [0, 1], on
+    ``x``'s device; floats unchanged."""
+    if x.dtype != torch.uint8:
+        return x
+    return _UINT8_TO_FLOAT.to(x.device)[x.long()]
+
+
 @dataclass
 class Dataset:
-    """Evaluation split (``x``, ``y``) and an optional training split."""
+    """Evaluation split (``x``, ``y``) and an optional training split. ``x_train`` may be uint8
+    (images as stored, k standing for k/255; ``float_inputs`` converts a batch)."""
 
     name: str
     x: Tensor
@@ -96,6 +114,9 @@ class Dataset:
     bounds: tuple[float, float] = (0.0, 1.0)
     class_names: list[str] = field(default_factory=list)
     source: str = ""
+    #: A separate validation set (``--val-data``) for harden's canary; None: a split of the training data.
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -121,7 +142,7 @@ class Dataset:
         self.y = self.y.long()  # checked above: any integer dtype whose values are class indices
         if self.x_train is not None and self.y_train is not None:
             validate_split(self.x_train, self.y_train, bounds=self.bounds, num_classes=classes,
-                           where=f"{self.name} (train split)")
+                           where=f"{self.name} (train split)", uint8_ok=True)
             self.y_train = self.y_train.long()
             if self.x_train.shape[1:] != self.x.shape[1:]:
                 raise DataError(
@@ -141,6 +162,21 @@ class Dataset:
         return dataclasses.replace(self, x=self.x[evaluation], y=self.y[evaluation], x_train=self.x[train],
                                    y_train=self.y[train])
 
+    def with_validation(self, other: Dataset, where: str) -> Dataset:
+        """This data set with ``other``'s evaluation split as its validation set, checked against
+        the training split (input shape, classes)."""
+        x_train, _ = self.training_split()
+        if other.input_shape != tuple(x_train.shape[1:]):
+            raise DataError(f"--val-data {where}: inputs of shape {other.input_shape}, but the training data's are "
+                            f"{tuple(x_train.shape[1:])}; give validation data of the same C x H x W")
+        if other.class_names and self.class_names and other.class_names != self.class_names:
+            raise DataError(f"--val-data {where}: classes {other.class_names}, but the training data's are "
+                            f"{self.class_names}; give the same class folders")
+        if other.num_classes > self.num_classes:
+            raise DataError(f"--val-data {where}: labels up to {other.num_classes - 1}, but the training data has "
+                            f"{self.num_classes} classes 0..{self.num_classes - 1}; keep to those classes")
+        return dataclasses.replace(self, x_val=other.x, y_val=other.y)
+
     def training_split(self) -> tuple[Tensor, Tensor]:
         """``(x_train, y_train)``, or a ``DataError`` naming the fix when there is none."""
         if self.x_train is None or self.y_train is None:
@@ -158,9 +194,15 @@ def tensors_sha256(*tensors: Tensor) -> str:
     return digest.hexdigest()
 
 
-def validate_split(x: Tensor, y: Tensor, *, bounds: tuple[float, float], num_classes: int, where: str) -> None:
-    """Raise ``DataError`` naming the first problem found and the fix."""
-    if not torch.is_floating_point(x):
+def validate_split(
+    x: Tensor, y: Tensor, *, bounds: tuple[float, float], num_classes: int, where: str, uint8_ok: bool = False
+) -> None:
+    """Raise ``DataError`` naming the first problem found and the fix. ``uint8_ok``: uint8
+    images (standing for [0, 1]) are accepted, as a training split may keep them."""
+    stored = uint8_ok and x.dtype == torch.uint8
+    if stored and tuple(bounds) != (0.0, 1.0):
+        raise DataError(f"{where}: uint8 inputs stand for [0, 1], not the bounds {bounds}; give floats in the bounds")
+    if not torch.is_floating_point(x) and not stored:
         raise DataError(f"{where}: inputs have dtype {x.dtype}; give floats scaled into the bounds {bounds}")
     if x.dim() != 4:
         raise DataError(
@@ -169,6 +211,23 @@ def validate_split(x: Tensor, y: Tensor, *, bounds: tuple[float, float], num_cla
         )
     if len(x) == 0:
         raise DataError(f"{where}: no samples")
+    if not stored:  # uint8 images are finite and in [0, 1] by construction
+        _check_values(x, bounds, where)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"{where}: labels have dtype {y.dtype}; give integer class indices")
+    if y.dim() != 1 or len(y) != len(x):
+        raise DataError(f"{where}: labels have shape {tuple(y.shape)}; expected ({len(x)},), one per input")
+    # compared in numpy, in the labels' own dtype: no cast can wrap a uint64 or overflow num_classes
+    labels = y.detach().cpu().numpy()
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes) | (labels > np.iinfo(np.int64).max))
+    if len(bad):
+        index = int(bad[0])
+        classes = (f"{num_classes} classes 0..{num_classes - 1}" if num_classes > 1
+                   else "1 class 0" if num_classes == 1 else "classes (there are none)")
+        raise DataError(f"{where}: label {labels[index].item()} at index {index} is outside the {classes}")
+
+
+def _check_values(x: Tensor, bounds: tuple[float, float], where: str) -> None:
     finite = torch.isfinite(x).flatten(1).all(dim=1)
     if not bool(finite.all()):
         index = int((~finite).nonzero()[0])
@@ -182,18 +241,6 @@ def validate_split(x: Tensor, y: Tensor, *, bounds: tuple[float, float], num_cla
             f"[{low:g}, {high:g}] (first at input {index}); scale inputs into the bounds and put any "
             "normalisation inside the model with --mean/--std"
         )
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise DataError(f"{where}: labels have dtype {y.dtype}; give integer class indices")
-    if y.dim() != 1 or len(y) != len(x):
-        raise DataError(f"{where}: labels have shape {tuple(y.shape)}; expected ({len(x)},), one per input")
-    # compared in numpy, in the labels' own dtype: no cast can wrap a uint64 or overflow num_classes
-    labels = y.detach().cpu().numpy()
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes) | (labels > np.iinfo(np.int64).max))
-    if len(bad):
-        index = int(bad[0])
-        classes = (f"{num_classes} classes 0..{num_classes - 1}" if num_classes > 1
-                   else "1 class 0" if num_classes == 1 else "classes (there are none)")
-        raise DataError(f"{where}: label {labels[index].item()} at index {index} is outside the {classes}")
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
@@ -311,8 +358,10 @@ def _check_dtype(member: _NpyMember, where: str) -> None:
 
 
 def _loaded_bytes(member: _NpyMember, limit: int | None) -> int:
-    """What the array costs in memory as read and as converted (float32 inputs, int64 labels)."""
-    converted = 4 if member.key.startswith("x") else 8
+    """What the array costs in memory as read and as converted (float32 inputs, int64 labels;
+    a uint8 training split stays as it is)."""
+    kept = member.key == "x_train" and member.dtype == np.uint8
+    converted = 8 if member.key.startswith("y") else 1 if kept else 4
     return math.prod(member.rows(limit)) * max(member.dtype.itemsize, converted)
 
 
@@ -404,7 +453,10 @@ def load_npz(path: Path, limit: int | None = None) -> Dataset:
     num_classes = max(int(labels.max()), 0) + 1 if len(labels) else 0
     if limit is not None:
         return Dataset(path.stem, x, y[:limit] if y.dim() else y, num_classes, source=where)
-    x_train = _as_float_inputs(arrays["x_train"], where) if train else None
+    x_train = None
+    if train:  # uint8 images stay uint8 (float_inputs converts each batch)
+        stored = arrays["x_train"]
+        x_train = torch.from_numpy(stored) if stored.dtype == np.uint8 else _as_float_inputs(stored, where)
     return Dataset(path.stem, x, y, num_classes, x_train, y_train, source=where)
 
 
@@ -429,7 +481,7 @@ def _image_limits() -> Iterator[int]:
 
 
 def _read_image(file: Path, max_pixels: int) -> np.ndarray:
-    """One image as H x W x C floats in [0, 1], or a one-line ``DataError`` naming the file."""
+    """One image as H x W x C uint8, or a one-line ``DataError`` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -437,7 +489,7 @@ def _read_image(file: Path, max_pixels: int) -> np.ndarray:
             raise DataError(f"{file}: the image file is empty (0 bytes); remove it or save it again")
         with Image.open(file, formats=IMAGE_FORMATS) as image:
             mode = "L" if image.mode in ("L", "1", "I", "I;16") else "RGB"
-            array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+            array = np.asarray(image.convert(mode), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         size = re.search(r"\((\d+) pixels\)", str(err))
         pixels = f"{int(size[1]):,} pixels" if size else "more pixels than allowed"
@@ -474,8 +526,8 @@ def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
     train = path / TRAIN_FOLDER
     evaluation = next((path / name for name in EVAL_FOLDERS if (path / name).is_dir()), None)
     if not train.is_dir() or evaluation is None:
-        return _load_class_folders(path, limit)
-    data = _load_class_folders(evaluation, limit)
+        return _as_evaluation(_load_class_folders(path, limit))
+    data = _as_evaluation(_load_class_folders(evaluation, limit))
     data.name = path.name
     if limit is None:
         data.source = str(path)
@@ -485,12 +537,18 @@ def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
     if trained.class_names != data.class_names:
         raise DataError(f"{path}: {train.name}/ has the classes {trained.class_names} but {evaluation.name}/ has "
                         f"{data.class_names}; both need the same class folders")
-    data.x_train, data.y_train = trained.x, trained.y
+    data.x_train, data.y_train = trained.x, trained.y  # uint8, as stored
+    return data
+
+
+def _as_evaluation(data: Dataset) -> Dataset:
+    """Evaluation images as floats (what attacks take)."""
+    data.x = float_inputs(data.x)
     return data
 
 
 def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
-    """One sub-folder per class (sorted names are the classes); images must share one size.
+    """One sub-folder per class (sorted names are the classes), as uint8; images must share one size.
 
     Only regular files with an image suffix are read, each only by the decoder of an image
     format (never a plug-in that runs a program, such as EPS through Ghostscript), under
@@ -519,7 +577,7 @@ def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
             if array.shape != size:
                 raise DataError(f"{file}: size {array.shape[:2]} differs from {size[:2]} (or its channels do); "
                                 "resize all images to one size")
-            total += array.nbytes
+            total += array.nbytes * 4  # what they take as float32, the form evaluation images take
             message = over_limit(f"{path}: the images up to {file.name}", total)
             if message:
                 raise DataError(message)

@@ -97,6 +97,11 @@ def all_reduce_max_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return _all_reduce_(tensor, ctx, dist.ReduceOp.MAX)
 
 
+def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place element-wise sum over ranks (no-op in one process)."""
+    return _all_reduce_(tensor, ctx, dist.ReduceOp.SUM)
+
+
 def _all_reduce_(tensor: torch.Tensor, ctx: DistContext, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     if ctx.enabled:
         on_wire = _on_wire(tensor)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.console import progress
+from robustkit.data import float_inputs
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: FitConfig = FitConfig())
             total = 0.0
             for start in range(0, len(x), config.batch_size):
                 index = order[start : start + config.batch_size]
-                loss = F.cross_entropy(model(x[index]), y[index])
+                loss = F.cross_entropy(model(float_inputs(x[index])), y[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

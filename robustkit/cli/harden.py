@@ -23,6 +23,7 @@ from robustkit.errors import RobustkitError
 CONFIG_KEYS = (
     "model",
     "data",
+    "val_data",
     "recipe",
     "defence",
     "arch",
@@ -79,6 +80,11 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     "folder with train/ and val/ [required, except for built-in models: builtin:digits].",
 )
 @click.option(
+    "--val-data",
+    help="A separate validation set (.npz with x, y, or an image folder) for the per-epoch canary, instead of "
+    "a split of the training data; its input shape and classes must match the training data's.",
+)
+@click.option(
     "--defence",
     "--defense",
     "defence",
@@ -105,6 +111,13 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     "--augment",
     help="Augmentation on the device before the attack: crop,flip | crop | flip | none | auto "
     "(default auto: crop and flip for images of 16x16 or more).",
+)
+@click.option(
+    "--awp",
+    type=float,
+    metavar="GAMMA",
+    help="Adversarial weight perturbation (Wu et al., 2020) of this size relative to each layer's norm; the paper "
+    "uses 5e-3. It starts after -o awp_warmup epochs (default 0; trades: 10, as in the paper's code).",
 )
 @click.option("--attack", help="Inner maximiser for pgd-at: any registered attack (default robustkit:pgd).")
 @click.option(
@@ -198,6 +211,8 @@ def harden(ctx: click.Context, **values: Any) -> None:
         attack=attack,
         run=run,
         recipe=recipe,
+        awp=values["awp"],
+        val_data=pick("val_data"),
     )
     summary = run_harden(request)
     if int(os.environ.get("RANK", "0")) != 0:

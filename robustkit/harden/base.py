@@ -45,6 +45,7 @@ class LoopSupport:
     precisions: frozenset[Precision] = frozenset({"fp32", "bf16", "fp16"})
     channels_last: bool = True
     compile: bool = True
+    awp: bool = True  #: adversarial weight perturbation (``--awp``)
 
     def missing(self) -> list[str]:
         """What a run of this loop goes without, in words (empty for robustkit's loop)."""
@@ -70,7 +71,7 @@ class LoopSupport:
 #: The loop of a defence that trains in a library's own loop: plain fp32, one process, no more.
 OWN_LOOP = LoopSupport(
     canary=False, checkpoints=False, distributed=False, precisions=frozenset({"fp32"}),
-    channels_last=False, compile=False,
+    channels_last=False, compile=False, awp=False,
 )
 
 

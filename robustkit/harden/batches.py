@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from robustkit.data import float_inputs
 from robustkit.distributed import DistContext
 from robustkit.errors import RobustkitError
 from robustkit.harden.config import RunConfig
@@ -29,7 +30,8 @@ class _Pairs(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
 
 class Batches:
     """Shuffled (and, under torchrun, sharded) batches: on the device when the data fits there,
-    else gathered by DataLoader workers into pinned memory and copied asynchronously.
+    else gathered by DataLoader workers into pinned memory and copied asynchronously. uint8
+    data stays uint8 until a batch is on the device (a quarter of the memory and of the copy).
 
     The order comes from a ``DistributedSampler`` seeded by the run, so it is a function of
     (seed, epoch) alone and both placements yield the same batches.
@@ -55,6 +57,7 @@ class Batches:
             drop_last=False,
         )
         self.batch_size, self.device, self.workers = batch_size, device, run.workers
+        self.pin = device.type == "cuda"  #: host batches in pinned memory, so the copy to the GPU is asynchronous
         self.memory_format = torch.channels_last if run.channels_last and x.dim() == 4 else torch.contiguous_format
         self.on_device = run.placement == "device" or (run.placement == "auto" and _fits(x, device))
         if self.on_device:
@@ -72,21 +75,26 @@ class Batches:
         if self.on_device:
             for index in chunks:
                 index = index.to(self.device, non_blocking=True)
-                yield self.x[index], self.y[index], index
+                yield self.floats(self.x[index]), self.y[index], index
             return
         loader = DataLoader(
             _Pairs(self.x, self.y),
             sampler=list(chunks),
             batch_size=None,
             num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.pin,
         )
         for (xb, yb), index in zip(loader, chunks):
             yield (
-                xb.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                self.floats(xb.to(self.device, non_blocking=True)),
                 yb.to(self.device, non_blocking=True),
                 index,  # stays with the data, on the host
             )
+
+
+    def floats(self, xb: Tensor) -> Tensor:
+        """A batch on the device as float inputs (uint8 storage converted here), in the run's layout."""
+        return float_inputs(xb).contiguous(memory_format=self.memory_format)
 
 
 def _fits(x: Tensor, device: torch.device) -> bool:

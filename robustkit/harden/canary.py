@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from robustkit import distributed
 from robustkit.attacks.native import PGD
+from robustkit.data import float_inputs
 from robustkit.distributed import DistContext
 from robustkit.harden.config import TrainingParams
 from robustkit.modules import eval_mode, predict_logits
@@ -42,7 +43,7 @@ def canary(
     clean = robust = 0
     with eval_mode(craft):
         for index in mine.split(512):
-            xb, yb = x[index].to(device), y[index].to(device)
+            xb, yb = float_inputs(x[index].to(device)), y[index].to(device)
             right = predict_logits(craft, xb).argmax(1) == yb
             result = attack(craft, xb, yb, threat=threat)
             clean += int(right.sum())

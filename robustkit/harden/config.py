@@ -60,6 +60,12 @@ class TrainingParams:
         "(crop and flip for images of 16x16 pixels or more, none below)",
     )
     crop_padding: int = param(4, "padding of the random crop, in pixels")
+    awp_gamma: float = param(
+        0.0,
+        "adversarial weight perturbation (--awp; Wu et al., 2020): before each update every weight layer moves "
+        "by this share of its norm against the training loss; 0: off (the paper: 5e-3)",
+    )
+    awp_warmup: int = param(0, "epochs before AWP starts (Wu et al.'s PGD-AT code: 0)")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -74,6 +80,11 @@ class TrainingParams:
             raise ValueError("overfit_drop must lie in (0, 1]")
         if self.crop_padding < 0:
             raise ValueError("crop_padding must be >= 0")
+        if self.awp_gamma < 0 or self.awp_warmup < 0:
+            raise ValueError("awp_gamma and awp_warmup must be >= 0")
+        if self.awp_gamma and self.awp_warmup >= self.epochs:
+            raise ValueError(f"awp_warmup {self.awp_warmup} leaves none of the {self.epochs} epochs to AWP; "
+                             "lower it (-o awp_warmup N) or raise epochs")
         self.milestone_shares()
 
     def milestone_shares(self) -> tuple[float, ...]:

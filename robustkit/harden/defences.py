@@ -25,7 +25,7 @@ from robustkit.errors import RobustkitError
 from robustkit.harden.base import Defence, DefenceResult
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.loop import train
-from robustkit.harden.step import Step, StepContext, adversarial_step
+from robustkit.harden.step import Step, StepContext, adversarial_step, cross_entropy_loss
 from robustkit.modules import eval_mode
 from robustkit.params import coerce, param
 from robustkit.precision import Precision
@@ -308,10 +308,7 @@ class Free(TrainingDefence):
             delta = delta[: len(x)]
             for _ in range(p.replays):
                 x_adv = threat.project(x, x + delta).requires_grad_(True)
-                with ctx.autocast():
-                    logits = ctx.model(x_adv).float()
-                    loss = F.cross_entropy(logits, y)
-                scale = ctx.update(loss)
+                loss, logits, scale = ctx.train(cross_entropy_loss, x, x_adv, y)
                 assert x_adv.grad is not None
                 grad = x_adv.grad.float() / scale
                 moved = threat.project(x, x_adv.detach() + ascent_step(grad, threat.norm, size)) - x
@@ -328,6 +325,7 @@ class TRADESParams(TrainingParams):
     beta: float = param(6.0, "weight of the robustness (KL) term against the clean cross-entropy")
     steps: int = param(10, "steps of the inner KL maximisation")
     step_size: float | None = param(None, "inner step in input units; default 2.5 * eps / steps")
+    awp_warmup: int = param(10, "epochs before AWP starts (Wu et al.'s TRADES-AWP code: 10 of 200)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

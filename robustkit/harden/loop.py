@@ -3,9 +3,10 @@
 A defence contributes only its *step* (``robustkit.harden.step``); the loop owns everything
 else, once: the validation split, data placement and sharding (``batches``), precision
 (bf16/fp16 autocast, a GradScaler for fp16), channels-last, ``torch.compile``, DDP, the
-learning-rate schedule, the robust-accuracy canary with catastrophic-overfitting detection and
-early stopping (``canary``), the best weights, atomic checkpoints every epoch, ``--resume``, and
-Ctrl-C (SIGINT/SIGTERM finish the batch, write a checkpoint and stop).
+learning-rate schedule, adversarial weight perturbation (``awp``, after its warm-up), the
+robust-accuracy canary with catastrophic-overfitting detection and early stopping (``canary``)
+on a split of the training data or on ``--val-data``, the best weights, atomic checkpoints every
+epoch, ``--resume``, and Ctrl-C (SIGINT/SIGTERM finish the batch, write a checkpoint and stop).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from robustkit.distributed import DistContext, init_distributed
 from robustkit.errors import Interrupted, RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden.augment import batch_generator, parse_augmentation
+from robustkit.harden.awp import WeightPerturbation
 from robustkit.harden.base import DefenceResult
 from robustkit.harden.batches import Batches, validation_split
 from robustkit.harden.canary import RunState, canary, judge_epoch
@@ -123,17 +125,20 @@ def resolve_device(spec: str, world: DistContext) -> torch.device:
 
 
 def recipe(
-    defence: LoopDefence, threat: ThreatModel, x: Tensor, y: Tensor, model: nn.Module, run: RunConfig
+    defence: LoopDefence, threat: ThreatModel, data: Dataset, model: nn.Module, run: RunConfig
 ) -> dict[str, Any]:
     """What must match for ``--resume`` to continue the same run: the defence and its settings,
-    the threat model, the training data, the weights the run started from (another MODEL, or
-    other --mean/--std, is another run) and the precision (fp32 and bf16 epochs must not mix).
-    Device, workers, channels-last and compile may change: they change speed, not the run."""
+    the threat model, the training and validation data, the weights the run started from
+    (another MODEL, or other --mean/--std, is another run) and the precision (fp32 and bf16
+    epochs must not mix). Device, workers, channels-last and compile may change: they change
+    speed, not the run."""
+    x, y = data.training_split()
     return {
         "defence": defence.name,
         "params": dataclasses.asdict(defence.params),
         "threat": {"norm": threat.norm.value, "eps": threat.eps, "bounds": list(threat.bounds)},
         "train_sha256": tensors_sha256(x, y),
+        "val_sha256": None if data.x_val is None or data.y_val is None else tensors_sha256(data.x_val, data.y_val),
         "start_weights_sha256": state_sha256(model),
         "precision": run.precision,
     }
@@ -144,6 +149,7 @@ _RECIPE_KEYS = {
     "defence": "the defence",
     "threat": "the threat model",
     "train_sha256": "the training data",
+    "val_sha256": "the validation data (--val-data)",
     "start_weights_sha256": "the model's starting weights (another MODEL, --arch or --mean/--std)",
     "precision": "--precision",
 }
@@ -182,10 +188,18 @@ class Engine:
                 f"batch_size {params.batch_size} is not divisible by the {self.world.world_size} "
                 "processes; batch_size is the global batch"
             )
-        self.recipe = recipe(defence, threat, x_all, y_all, model, run)
-        x_train, y_train, self.x_val, self.y_val = validation_split(
-            x_all, y_all, params.val_fraction, params.seed
-        )
+        self.recipe = recipe(defence, threat, data, model, run)
+        if data.x_val is not None and data.y_val is not None:  # --val-data: every training sample trains
+            x_train, y_train = x_all, y_all
+            chosen = torch.randperm(len(data.y_val), generator=torch.Generator().manual_seed(params.seed))
+            self.x_val, self.y_val = data.x_val[chosen], data.y_val[chosen]
+            if self.world.is_main:
+                log.info("canary on %d of the %d samples of the validation data (val_fraction unused)",
+                         min(params.canary_size, len(chosen)), len(chosen))
+        else:
+            x_train, y_train, self.x_val, self.y_val = validation_split(
+                x_all, y_all, params.val_fraction, params.seed
+            )
         self.x_val, self.y_val = self.x_val[: params.canary_size], self.y_val[: params.canary_size]
         self.augmentation = parse_augmentation(params.augment, tuple(x_train.shape[1:]), params.crop_padding)
         if self.augmentation.active and self.world.is_main:
@@ -229,6 +243,11 @@ class Engine:
             world=self.world,
             train_size=len(y_train),
         )
+        if params.awp_gamma:
+            self.ctx.awp = WeightPerturbation(self.module, params.awp_gamma, self.world, run.compile)
+            if self.world.is_main:
+                log.info("adversarial weight perturbation: gamma %g from epoch %d", params.awp_gamma,
+                         params.awp_warmup + 1)
         self.step = defence.make_step(self.ctx)
         self.state = RunState()
         self.out = run.out_dir if self.world.is_main else None
@@ -349,6 +368,8 @@ class Engine:
         state, epoch = self.state, self.state.epoch
         task = bar.add_task(f"epoch {epoch + 1}/{self.epochs}", total=len(self.batches), completed=state.batch)
         self.module.train()
+        if self.ctx.awp is not None:  # off during the warm-up (counted in passes over the data)
+            self.ctx.awp.active = (epoch + 1) * self.defence.replays > self.params.awp_warmup
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         count, started = 0, time.perf_counter()
@@ -388,7 +409,8 @@ class Engine:
         loss_total, correct_total, n, seconds = state.running
         loss_total, correct_total, n = distributed.sum_over_ranks([loss_total, correct_total, n], self.world)
         canary_started = time.perf_counter()
-        clean, robust = canary(
+        # a defence may bring its own canary, same signature (text defences attack tokens, not a ball)
+        clean, robust = getattr(self.defence, "canary", canary)(
             self.ctx.craft,
             self.x_val,
             self.y_val,

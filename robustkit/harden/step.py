@@ -11,7 +11,7 @@ perturbation nor records them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.distributed import DistContext
+from robustkit.errors import RobustkitError
+from robustkit.harden.awp import WeightPerturbation
 from robustkit.precision import Precision, autocast, input_gradient
 from robustkit.threat import ThreatModel
 
@@ -37,24 +39,31 @@ class Optimization:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
 
-    def update(self, loss: Tensor) -> float:
-        """One optimizer and schedule step on ``loss``.
-
-        Returns the factor by which the backward pass scaled every gradient (the GradScaler's
-        scale under fp16, else 1), so a step that also reads input gradients from this backward
-        pass (free training) can unscale them.
-        """
+    def backward(self, loss: Tensor) -> float:
+        """Gradients of ``loss`` in ``.grad`` (fresh); returns the factor by which they are
+        scaled (the GradScaler's scale under fp16, else 1), so a step that also reads input
+        gradients from this backward pass (free training) can unscale them."""
         self.optimizer.zero_grad(set_to_none=True)
-        scale = 1.0
         if self.scaler is None:
             loss.backward()
+            return 1.0
+        scale = self.scaler.get_scale()
+        self.scaler.scale(loss).backward()
+        return scale
+
+    def step(self) -> None:
+        """One optimizer and schedule step on the gradients in ``.grad``."""
+        if self.scaler is None:
             self.optimizer.step()
         else:
-            scale = self.scaler.get_scale()
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
+
+    def update(self, loss: Tensor) -> float:
+        """``backward`` then ``step``; returns the gradients' scale."""
+        scale = self.backward(loss)
+        self.step()
         return scale
 
 
@@ -77,12 +86,37 @@ class StepContext:
     #: the training data (the training device when it fits there, else the host): per-sample
     #: state belongs there too. Set by the loop before each step.
     batch_index: Tensor | None = None
+    #: Adversarial weight perturbation (``--awp``), applied by ``train``; None without it.
+    awp: WeightPerturbation | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
         return autocast(self.device.type, self.precision)
 
+    def train(self, loss: TrainLoss, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
+        """One optimizer step on ``loss(model, x, x_adv, y)``, under ``--awp`` with the gradient
+        taken at adversarially perturbed weights (``robustkit.harden.awp``). Returns the loss,
+        the logits and the gradients' scale (see ``Optimization.backward``)."""
+        opt = self.optimization
+        perturbed: AbstractContextManager[Any] = nullcontext()
+        if self.awp is not None:
+            loss_scale = opt.scaler.get_scale() if opt.scaler is not None else 1.0
+            perturbed = self.awp.applied(loss, x, x_adv, y, self.autocast(), loss_scale)
+        with perturbed:
+            with self.autocast():
+                value, logits = loss(self.model, x, x_adv, y)
+            scale = opt.backward(value)
+        opt.step()
+        return value, logits, scale
+
     def update(self, loss: Tensor) -> float:
-        """One optimizer and schedule step on ``loss`` (see ``Optimization.update``)."""
+        """One optimizer and schedule step on a loss the step computed itself (see
+        ``Optimization.update``). AWP must perturb the weights before that loss's forward pass,
+        so under ``--awp`` a step has to use ``train`` (or ``adversarial_step``) instead."""
+        if self.awp is not None:
+            raise RobustkitError(
+                "this defence's step computes its loss itself (ctx.update), so --awp cannot perturb the "
+                "weights before it; drop --awp, or write the step with ctx.train or adversarial_step"
+            )
         return self.optimization.update(loss)
 
     def input_gradient(self, x: Tensor, objective: Callable[[Tensor], Tensor]) -> Tensor:
@@ -109,13 +143,10 @@ def adversarial_step(
     perturb: Callable[[Tensor, Tensor], Tensor],
     loss: TrainLoss = cross_entropy_loss,
 ) -> Step:
-    """The usual step: craft ``x_adv = perturb(x, y)``, then one update on ``loss``."""
+    """The usual step: craft ``x_adv = perturb(x, y)``, then one update on ``loss`` (``ctx.train``)."""
 
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x_adv = perturb(x, y)
-        with ctx.autocast():
-            value, logits = loss(ctx.model, x, x_adv, y)
-        ctx.update(value)
+        value, logits, _ = ctx.train(loss, x, perturb(x, y), y)
         return value.detach(), logits.detach()
 
     return step

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from robustkit import OWN_LOOP, Dataset, Defence, DefenceResult, Norm, RobustkitError, RunConfig, ThreatModel
+from robustkit.data import float_inputs
 from robustkit.params import param
 from robustkit_art.attacks import (
     ART_NORMS,
@@ -113,9 +114,9 @@ class ArtTrainer(Defence):
             raise RobustkitError(f"art:{self.name} trains on a data set with a training split")
         trained = copy.deepcopy(model)
         device = model_device(trained)
-        x = data.x_train.detach().to("cpu", torch.float32).numpy()
+        x = float_inputs(data.x_train.detach().cpu()).to(torch.float32).numpy()  # uint8 storage as [0, 1]
         with torch.no_grad():
-            nb_classes = int(trained.eval()(data.x_train[:1].to(device)).shape[1])
+            nb_classes = int(trained.eval()(torch.from_numpy(x[:1]).to(device)).shape[1])
         y = np.eye(nb_classes, dtype=np.float32)[data.y_train.cpu().numpy()]
 
         def make_classifier(net: nn.Module) -> Any:
