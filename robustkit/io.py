@@ -47,6 +47,7 @@ def write_set(folder: Path, files: Mapping[str, bytes | str]) -> None:
         for name, data in files.items():
             atomic_write(staging / name, data)
         for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)  # names may hold a sub-folder
             os.replace(staging / name, folder / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

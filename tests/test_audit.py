@@ -17,7 +17,7 @@ from torch import nn
 from robustkit.attacks.base import Attack
 from robustkit.attacks.native import FGSM, PGD
 from robustkit.audit.engine import GRADIENT_FREE_BATCH_FACTOR, NamedAttack, evaluate
-from robustkit.audit.report import REQUIRED_KEYS
+from robustkit.audit.report import REQUIRED_KEYS, SCHEMA_VERSION
 from robustkit.audit.run import AuditConfig, run_audit
 from robustkit.cli import cli
 from robustkit.data import load_digits
@@ -215,7 +215,7 @@ def test_report_files_schema_and_html(weights, tmp_path):
     assert document["results"] == on_disk["results"]
     for key in REQUIRED_KEYS:
         assert key in document, key
-    assert document["schema_version"] == "1.1" and document["complete"] is True
+    assert document["schema_version"] == SCHEMA_VERSION and document["complete"] is True
     for row in document["results"]:
         assert {"attack", "norm", "eps", "robust_accuracy", "ci95", "seconds", "params"} <= set(row)
         assert row["ci95"][0] <= row["robust_accuracy"] <= row["ci95"][1]

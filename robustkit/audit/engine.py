@@ -27,7 +27,9 @@ still change the answer.
   eps of the samples broken there;
 - in those stages an example found in a larger ball that also lies in a smaller audited one
   breaks the sample there too, which is sound: the smallest such eps is credited (as for the
-  minimum-norm attack) and the eps in between are not attacked.
+  minimum-norm attack) and the eps in between are not attacked;
+- with ``examples`` (an ``ExampleKeeper``), the few adversarial examples a report pictures are
+  kept as the batches pass; every other example is dropped with its batch.
 Per-sample results are kept, so robust accuracy is the mean over samples of the minimum over
 attacks, and the worst case can never be above any single attack.
 """
@@ -87,6 +89,70 @@ class AttackOutcome:
     notes: list[str] = field(default_factory=list)
     #: why the attack stopped (it raised, or changed the model's weights); None when it ran through
     failed: str | None = None
+
+
+@dataclass(frozen=True)
+class KeptExample:
+    """An adversarial example kept for the report's pictures (``robustkit.audit.pictures``)."""
+
+    index: int  #: the sample's position in the evaluated data
+    eps: float  #: broken: the eps credited for the break; survived: the radius it was attacked at
+    attack: str
+    x_adv: Tensor  #: the example as the fp32 check accepted it, on the CPU
+    broken: bool
+
+
+class ExampleKeeper:
+    """Keeps the adversarial examples a report pictures, as the attacks find them, so that no
+    other example outlives its batch (a data set's worth of examples would not fit in memory).
+
+    ``broken``: up to that many samples broken at the smallest eps (ties: lowest index), each with
+    the example of its smallest break. ``survived``: up to that many samples not broken (so far),
+    attacked at the largest eps (ties: lowest index), each with the last attempt there. Both
+    keys only improve as offers come, so what is kept at the end is the best of every offer.
+    Under torchrun each rank sees its own batches only: ``chosen`` drops what the merged
+    results contradict.
+    """
+
+    def __init__(self, broken: int, survived: int) -> None:
+        self.capacity = {True: broken, False: survived}
+        self.kept: dict[bool, dict[int, KeptExample]] = {True: {}, False: {}}
+
+    @staticmethod
+    def _rank(example: KeptExample) -> tuple[float, int]:
+        """Lower is kept first: broken at a smaller eps; survived at a larger one; then the index."""
+        return (example.eps if example.broken else -example.eps, example.index)
+
+    def offer(self, attack: str, index: Tensor, radii: Tensor, credited: Tensor, x_adv: Tensor, broken: Tensor,
+              valid: Tensor) -> None:
+        """One batch's results: samples ``index`` attacked at ``radii``, examples ``x_adv``;
+        ``broken`` ones credited at ``credited``; only ``valid`` ones (the fp32 check) count."""
+        for row in valid.nonzero().squeeze(1).tolist():
+            hit, sample = bool(broken[row]), int(index[row])
+            if hit:
+                self.kept[False].pop(sample, None)
+            elif sample in self.kept[True]:
+                continue
+            # the tensor is copied only once the example is kept
+            candidate = KeptExample(sample, float(credited[row] if hit else radii[row]), attack, x_adv[row], hit)
+            kept, rank = self.kept[hit], self._rank(candidate)
+            old = kept.get(sample)
+            if old is not None and self._rank(old) < rank:
+                continue
+            if old is None and len(kept) >= self.capacity[hit]:
+                worst = max(kept.values(), key=self._rank, default=None)
+                if worst is None or self._rank(worst) <= rank:
+                    continue
+                del kept[worst.index]
+            kept[sample] = dataclasses.replace(candidate, x_adv=x_adv[row].detach().float().cpu().clone())
+
+    def chosen(self, broken_at: Tensor) -> list[KeptExample]:
+        """The kept examples that agree with the final per-sample results ``broken_at`` (the
+        worst case over attacks): broken ones first, smallest eps first, then survivors."""
+        broken = [e for e in self.kept[True].values()
+                  if bool(broken_at[e.index] == torch.tensor(e.eps, dtype=broken_at.dtype))]
+        survived = [e for e in self.kept[False].values() if float(broken_at[e.index]) == NEVER]
+        return sorted(broken, key=self._rank) + sorted(survived, key=self._rank)
 
 
 @dataclass
@@ -178,6 +244,7 @@ def evaluate(
     certify: bool = False,
     gradient_free_shortcut: bool = False,
     clean_logits: Tensor | None = None,
+    examples: ExampleKeeper | None = None,
 ) -> Evaluation:
     """Run every attack at every eps (ascending, each once) on ``x``; see the module docstring.
 
@@ -191,6 +258,7 @@ def evaluate(
     (module docstring); what it skipped is in each outcome's ``skipped`` and ``notes``.
     ``clean_logits``: the model's fp32 logits on ``x``, when the caller has them already
     (``predict_logits``), so they are not computed twice.
+    ``examples``: offered every batch's checked examples, to keep the few a report pictures.
     """
     dist_ctx = dist_ctx or DistContext()
     if not attacks:
@@ -230,7 +298,8 @@ def evaluate(
                         bar.advance(task, len(at) * share)
 
                     seconds, rejected = _attack_subset(named.attack, model, x, y, todo, at, outcome.broken_at,
-                                                       batch_size, device, dist_ctx, batch_done)
+                                                       batch_size, device, dist_ctx, batch_done,
+                                                       keep=_keep(examples, named))
                     for threat, samples in zip(at, todo):
                         outcome.seconds[threat.eps] = seconds[threat.eps]
                         outcome.attacked[threat.eps] = int(samples.numel())
@@ -247,7 +316,7 @@ def evaluate(
                     eligible = torch.stack([(standing > t.eps) & _not_proven(evaluation, t.eps) for t in threats])
                     done = sum(len(o.seconds) for o in outcomes)
                     _nested_search(named, outcome, model, x, y, eligible, threats, batch_size, device, dist_ctx,
-                                   lambda share: bar.advance(task, share))
+                                   lambda share: bar.advance(task, share), keep=_keep(examples, named))
                     bar.update(task, completed=done + len(threats))
                     if on_result is not None:
                         on_result(evaluation)
@@ -303,6 +372,14 @@ def evaluate(
     return evaluation
 
 
+#: What ``_attack_subset`` offers each batch to: ``ExampleKeeper.offer`` without the attack's name.
+Keep = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], None]
+
+
+def _keep(examples: ExampleKeeper | None, named: NamedAttack) -> Keep | None:
+    return None if examples is None else functools.partial(examples.offer, named.name)
+
+
 def _weights(model: Model) -> dict[str, Tensor] | None:
     """A copy of the model's parameters and buffers, to restore after an attack that edits them."""
     if not isinstance(model, nn.Module):
@@ -332,7 +409,7 @@ def _nested(attack: Attack, shortcut: bool) -> bool:
 def _nested_search(
     named: NamedAttack, outcome: AttackOutcome, model: Model, x: Tensor, y: Tensor, eligible: Tensor,
     threats: Sequence[ThreatModel], batch_size: int, device: torch.device, dist_ctx: DistContext,
-    stage_done: Callable[[float], None], merge_inner: bool | None = None,
+    stage_done: Callable[[float], None], merge_inner: bool | None = None, keep: Keep | None = None,
 ) -> None:
     """Attack each sample first at the largest eps where it is ``eligible`` (K eps x N samples:
     standing, not proven), and at the smaller eligible eps only if the attack broke it there.
@@ -383,7 +460,8 @@ def _nested_search(
             share = sum(len(todo[k]) for k in group) / total
             spent, thrown = _attack_subset(
                 attack, model, x, y, [todo[k] for k in group], [threats[k] for k in group], outcome.broken_at,
-                batch_size, device, dist_ctx, functools.partial(_scaled, stage_done, share), settle=threats)
+                batch_size, device, dist_ctx, functools.partial(_scaled, stage_done, share), settle=threats,
+                keep=keep)
             for k in group:
                 seconds[k] += spent[threats[k].eps]
             rejected += thrown
@@ -463,12 +541,12 @@ def _settled_at(found: Tensor, radii: Tensor, threats: Sequence[ThreatModel]) ->
 def _attack_subset(
     attack: Attack, model: Model, x: Tensor, y: Tensor, todo: Sequence[Tensor], threats: Sequence[ThreatModel],
     broken_at: Tensor, batch_size: int, device: torch.device, dist_ctx: DistContext,
-    batch_done: Callable[[float], None], settle: Sequence[ThreatModel] | None = None,
+    batch_done: Callable[[float], None], settle: Sequence[ThreatModel] | None = None, keep: Keep | None = None,
 ) -> tuple[dict[float, float], int]:
     """Attack ``x[todo[k]]`` at ``threats[k]`` for every k, in batches that may mix eps; record
     each newly broken sample at the smallest eps that broke it: with ``settle`` (a minimum-norm
     attack's ``threats``), the smallest of those eps whose ball holds the example found.
-    ``batch_done`` gets each batch's share of the samples.
+    ``batch_done`` gets each batch's share of the samples; ``keep`` each batch's checked examples.
 
     Returns the seconds spent at each eps (a batch's time is shared out by its samples at each
     eps, as each costs the attack the same budget) and the number of examples rejected.
@@ -490,6 +568,8 @@ def _attack_subset(
         credited = _settled_at(per_sample_norm(result.x_adv - xb, largest.norm).cpu(), radii, settle) \
             if settle else radii
         broken_at.scatter_reduce_(0, index[broken], credited[broken].to(broken_at.dtype), reduce="amin")
+        if keep is not None:
+            keep(index, radii, credited, result.x_adv, broken, ~invalid)
         for radius in radii.unique().tolist():
             seconds[radius] += result.seconds * float((radii == radius).double().mean())
         batch_done(len(rows) / len(samples))

@@ -328,11 +328,15 @@ def demo(out: Path, epochs: int, seed: int, as_json: bool) -> None:
 
 def _add_commands() -> None:
     from robustkit.cli.audit import audit
+    from robustkit.cli.badge import badge
+    from robustkit.cli.compare import compare
     from robustkit.cli.export import export
     from robustkit.cli.harden import harden
     from robustkit.cli.new_plugin import new_plugin
 
     cli.add_command(audit)
+    cli.add_command(compare)
+    cli.add_command(badge)
     cli.add_command(harden)
     cli.add_command(export)
     cli.add_command(new_plugin)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from robustkit.audit.report import read_report
 from robustkit.errors import RobustkitError
 from robustkit.models.base import LoadOptions
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
@@ -212,21 +212,6 @@ def export_model(model: nn.Module, exporter: Exporter, path: Path, *, x: Tensor,
     result.warnings = [*found, *result.warnings]
     result.metadata = metadata
     return result
-
-
-def read_report(path: Path) -> dict[str, Any]:
-    """An audit's ``report.json``, checked against the report schema's required keys."""
-    from robustkit.audit.report import REQUIRED_KEYS
-
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RobustkitError(f"cannot read the report {path}: {err}") from None
-    missing = [key for key in REQUIRED_KEYS if not isinstance(report, dict) or key not in report]
-    if missing:
-        raise RobustkitError(f"{path} is not an audit report.json (missing {', '.join(missing)}); "
-                             "pass the report.json that robustkit audit --out wrote")
-    return report
 
 
 def robustness_from_report(report: dict[str, Any], sha256: str) -> dict[str, Any]:
