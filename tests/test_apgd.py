@@ -100,7 +100,7 @@ def digits() -> tuple[nn.Module, Tensor, Tensor]:
 @pytest.mark.parametrize("attack", [APGD(steps=3), APGD(steps=3, loss="dlr"), APGDT(steps=3, n_target_classes=2)],
                          ids=["apgd-ce", "apgd-dlr", "apgd-t"])
 def test_attack_contract(attack: Attack) -> None:
-    assert attack.norms == {Norm.LINF, Norm.L2}  # the contract checks both, and refuses l1
+    assert attack.norms == {Norm.LINF, Norm.L2, Norm.L1}  # the contract checks every one
     check_attack_contract(attack)
 
 
@@ -288,16 +288,20 @@ def test_as_strong_as_torchattacks_on_digits(digits, norm: Norm, eps: float, kin
 
 
 @pytest.mark.slow
-def test_as_strong_as_art_on_digits(digits) -> None:
+@pytest.mark.parametrize(("norm", "eps", "art_norm", "art_step"),
+                         [(Norm.LINF, 0.1, np.inf, 2.0), (Norm.L1, 2.0, 1, 1.0)], ids=["linf", "l1"])
+def test_as_strong_as_art_on_digits(digits, norm: Norm, eps: float, art_norm: float, art_step: float) -> None:
+    """l1: ART's APGD steps densely and clips to the box after the ball; l1-APGD's sparse steps
+    and joint projection measured 23.6% robust accuracy where ART's left 69.2% (eps 2)."""
     from art.attacks.evasion import AutoProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
 
     model, x, y = digits
-    threat = ThreatModel(Norm.LINF, 0.1)
+    threat = ThreatModel(norm, eps)
     # ART moves the module it wraps to its device: give it a copy, not the cached model.
     classifier = PyTorchClassifier(copy.deepcopy(model), loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8),
                                    nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
-    reference = AutoProjectedGradientDescent(classifier, norm=np.inf, eps=threat.eps, eps_step=2 * threat.eps,
+    reference = AutoProjectedGradientDescent(classifier, norm=art_norm, eps=threat.eps, eps_step=art_step * threat.eps,
                                              max_iter=50, nb_random_init=1, batch_size=len(x),
                                              loss_type="cross_entropy", verbose=False)
     numpy_state = np.random.get_state()

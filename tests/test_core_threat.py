@@ -126,6 +126,48 @@ def test_l1_projection_known_case() -> None:
     assert torch.allclose(projected[1], torch.tensor([0.2, -0.3, 0.1]))  # already inside
 
 
+def _dykstra_l1_box(x: torch.Tensor, v: torch.Tensor, eps: float, steps: int = 200) -> torch.Tensor:
+    """The projection of each row of ``v`` onto (l1 ball around ``x``) ∩ [0, 1] by Dykstra's
+    alternating projections, which converge to the projection onto an intersection of convex
+    sets (independent of the multiplier search under test)."""
+    point, p, q = v.clone(), torch.zeros_like(v), torch.zeros_like(v)
+    for _ in range(steps):
+        y = x + _l1_projection_brute_force_rows(point + p - x, eps)
+        p = point + p - y
+        point_next = (y + q).clamp(0, 1)
+        q = y + q - point_next
+        point = point_next
+    return point
+
+
+def test_l1_projection_onto_the_ball_and_box_together() -> None:
+    """Near the box's faces, projecting onto the ball and clipping after wastes l1 budget; the
+    projection onto the intersection is the one Dykstra's method finds, and it is closer."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 10, generator=g, dtype=torch.float64) ** 3  # many coordinates near 0
+    v = x + 0.8 * torch.randn(6, 10, generator=g, dtype=torch.float64)
+    threat = ThreatModel(Norm.L1, 1.5)
+    projected = threat.project(x, v)
+    assert torch.allclose(projected, _dykstra_l1_box(x, v, 1.5), atol=1e-6)
+    assert not threat.violations(x, projected).any()
+    clipped_after = (x + _l1_projection_brute_force_rows(v - x, 1.5)).clamp(0, 1)
+    assert ((projected - v).norm(dim=1) <= (clipped_after - v).norm(dim=1) + 1e-9).all()
+    assert ((projected - v).norm(dim=1) < (clipped_after - v).norm(dim=1) - 1e-3).any()
+
+
+def _l1_projection_brute_force_rows(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``_l1_projection_brute_force`` on each row at once."""
+    size = v.abs()
+    low, high = torch.zeros(len(v), dtype=v.dtype), size.amax(dim=1)
+    for _ in range(100):
+        theta = (low + high) / 2
+        over = (size - theta.unsqueeze(1)).clamp_min(0).sum(dim=1) > eps
+        low, high = torch.where(over, theta, low), torch.where(over, high, theta)
+    inside = size.sum(dim=1) <= eps
+    high = torch.where(inside, torch.zeros_like(high), high)
+    return v.sign() * (size - high.unsqueeze(1)).clamp_min(0)
+
+
 def test_projection_clips_to_bounds_and_stays_in_ball() -> None:
     for norm, eps in ((Norm.LINF, 0.3), (Norm.L2, 1.0), (Norm.L1, 3.0)):
         threat = ThreatModel(norm, eps)

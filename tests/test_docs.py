@@ -83,3 +83,13 @@ def test_every_doc_link_resolves() -> None:
                 ROOT / "examples" / "robustkit-plugin-example" / "README.md"]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
+
+
+def test_quick_start_and_ci_install_the_same_packages() -> None:
+    """CI runs the README's test command: the quick start's two commands and ``.ci/run``
+    install the same packages (a plugin added to one and not the others goes untested)."""
+    installs = r"pip install (-e .*?) &&"
+    readme = re.findall(installs, (ROOT / "README.md").read_text())
+    ci = re.findall(installs, (ROOT / ".ci" / "run").read_text())
+    assert len(readme) == 2 and len(ci) == 1, (readme, ci)
+    assert readme[0] == readme[1] == ci[0]

@@ -57,10 +57,19 @@ def test_harden_writes_every_output_and_resumes_from_its_config(host: Any, tmp_p
     summary = json.loads(result.output)
     assert summary["after"]["robust_accuracy"] > summary["before"]["robust_accuracy"] + 0.1
     assert summary["epochs_run"] == 2 and summary["defence"] == "robustkit:fgsm-rs"
-    assert set(summary["outputs"]) == {"model", "config", "summary", "log", "checkpoint", "plot"}
+    assert set(summary["outputs"]) == {"model", "config", "summary", "log", "checkpoint", "plot", "comparison",
+                                       "comparison_plot"}
     for path in summary["outputs"].values():
         assert Path(path).parent == out and Path(path).stat().st_size > 0, path
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+    # before/after in robustkit compare's form: the same figures, paired per sample
+    comparison = json.loads((out / "comparison.json").read_text())
+    clean_row, robust_row = comparison["rows"]
+    assert (robust_row["a"], robust_row["b"]) == pytest.approx(
+        (summary["before"]["robust_accuracy"], summary["after"]["robust_accuracy"]))
+    assert clean_row["b"] == pytest.approx(summary["after"]["clean_accuracy"])
+    assert robust_row["test"] == "McNemar exact (paired)" and robust_row["significant"]
+    assert comparison["differences"] == []
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert {"loss", "val_clean", "val_robust", "lr", "seconds"} <= set(log[0])

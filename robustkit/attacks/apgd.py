@@ -1,4 +1,4 @@
-"""APGD and APGD-T (Croce & Hein, 2020): PGD that sets its own step size, linf and l2.
+"""APGD and APGD-T (Croce & Hein, 2020): PGD that sets its own step size, linf, l2 and l1.
 
 PGD's result hangs on a hand-picked step size: too large and it oscillates, too small and it
 stalls within the budget, and either way the model looks more robust than it is. APGD starts
@@ -22,6 +22,16 @@ a restart from the best point drops the momentum (a step that led elsewhere is n
 to keep).
 Samples misclassified at the clean input (at the target, for a targeted threat) are returned
 unchanged rather than moved to a random start that might classify them correctly.
+
+l1 follows l1-APGD (Croce & Hein, 2021, "Mind the box"): an l1 step along the gradient's
+single largest coordinate is the steepest one, but it stalls on the box's faces, and a dense
+step wastes the budget. Each step moves the share of coordinates with the largest gradients
+(20% at first), each by ``eta / count`` in its gradient's sign, then projects onto the l1
+ball and the box together (``ThreatModel.project``). Every 4% of the steps the share follows
+the sparsity of the best point so far (a third fewer coordinates than it has); where that
+sparsity fell by over 5% the step size goes back to eps and the sample to its best point,
+otherwise the step shrinks by 1.5, never below eps / 10. As in the authors' code, the l1
+steps carry no momentum.
 """
 from __future__ import annotations
 
@@ -57,6 +67,15 @@ Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
 _ALPHA = 0.75
 #: Guards the DLR denominators against ties among the top logits, as in the paper.
 _DLR_EPS = 1e-12
+#: l1-APGD (module docstring): first share of coordinates a step moves, the share of the steps
+#: between reviews, how a review shrinks the step and its floor (a fraction of eps), how much
+#: sparser the best point must have become to reset the step, and the share's ratio to it.
+_L1_FIRST_SHARE = 0.2
+_L1_REVIEW_SHARE = 0.04
+_L1_STEP_SHRINK = 1.5
+_L1_STEP_FLOOR = 0.1
+_L1_SPARSER = 0.95
+_L1_SHARE_OF_SPARSITY = 1 / 1.5
 
 
 def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -107,6 +126,13 @@ def checkpoints(steps: int) -> dict[int, int]:
     return stretches
 
 
+def l1_reviews(steps: int) -> dict[int, int]:
+    """l1-APGD's review iterations (every 4% of ``steps``, rounded down, at least every step),
+    each with the length of the stretch it closes, as ``checkpoints`` gives them."""
+    every = max(int(_L1_REVIEW_SHARE * steps), 1)
+    return {k: every for k in range(every, steps, every)}
+
+
 def _check_budget(steps: int, restarts: int, rho: float) -> None:
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be >= 1")
@@ -147,7 +173,7 @@ class APGD(Attack):
 
     name = "apgd"
     aliases = ("auto-pgd",)
-    norms = frozenset({Norm.LINF, Norm.L2})
+    norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
     Params = APGDParams
     summary = "PGD with momentum that halves its own step size, ce or dlr loss (Croce & Hein, 2020)"
 
@@ -172,7 +198,7 @@ class APGDT(Attack):
 
     name = "apgd-t"
     aliases = ("apgdt",)
-    norms = frozenset({Norm.LINF, Norm.L2})
+    norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
     Params = APGDTParams
     supports_targeted = False
     summary = "targeted-dlr APGD against each of the top wrong classes in turn (Croce & Hein, 2020)"
@@ -276,6 +302,8 @@ class _Batch:
     rises: Tensor  #: steps since the last checkpoint whose objective rose
     eta: Tensor  #: step size
     halved: Tensor  #: the last checkpoint halved eta
+    share: Tensor  #: l1: share of the coordinates a step moves
+    sparsity: Tensor  #: l1: nonzero coordinates of the best perturbation at the last review
 
     def keep(self, mask: Tensor) -> None:
         for f in fields(self):
@@ -297,14 +325,19 @@ def _run_once(
     best = torch.full((n,), float("-inf"), device=x0.device)
     shape = (-1, *([1] * (x0.dim() - 1)))
 
+    l1 = threat.norm is Norm.L1
+    dims = x0[0].numel()
     x = random_start(x0, threat, generator)
     loss, logits, grad = _evaluate(model, x, goal, label, objective, precision, need_grad=True)
     assert grad is not None
     batch = _Batch(
         index=torch.arange(n, device=x0.device), x0=x0, goal=goal, label=label, x=x, x_prev=x, grad=grad,
         loss=loss, loss_prev=loss, x_best=x, grad_best=grad, loss_best=loss, loss_checked=loss,
-        rises=torch.zeros(n, device=x0.device), eta=torch.full((n,), 2 * threat.eps, device=x0.device, dtype=x0.dtype),
+        rises=torch.zeros(n, device=x0.device),
+        eta=torch.full((n,), (1 if l1 else 2) * threat.eps, device=x0.device, dtype=x0.dtype),
         halved=torch.zeros(n, dtype=torch.bool, device=x0.device),
+        share=torch.full((n,), _L1_FIRST_SHARE, device=x0.device),
+        sparsity=torch.full((n,), float(dims), device=x0.device),
     )
 
     def settle(logits: Tensor) -> None:
@@ -318,15 +351,19 @@ def _run_once(
             batch.keep(~hit)
 
     settle(logits)
-    stretches = checkpoints(steps)
+    stretches = l1_reviews(steps) if l1 else checkpoints(steps)
     for k in range(1, steps + 1):
         if len(batch.index) == 0:
             break
         with torch.no_grad():
-            step = batch.eta.view(shape) * ascent_step(batch.grad, threat.norm, 1.0)
-            z = threat.project(batch.x0, batch.x + step)
-            if k > 1:
-                z = threat.project(batch.x0, batch.x + _ALPHA * (z - batch.x) + (1 - _ALPHA) * (batch.x - batch.x_prev))
+            eta = batch.eta.view(shape)
+            if l1:
+                z = threat.project(batch.x0, batch.x + eta * _sparse_direction(batch.grad, batch.share))
+            else:
+                z = threat.project(batch.x0, batch.x + eta * ascent_step(batch.grad, threat.norm, 1.0))
+                if k > 1:
+                    z = threat.project(batch.x0,
+                                       batch.x + _ALPHA * (z - batch.x) + (1 - _ALPHA) * (batch.x - batch.x_prev))
         batch.x_prev, batch.x = batch.x, z
         last = k == steps  # the final iterate needs its objective, not its gradient
         batch.loss, logits, grad = _evaluate(model, batch.x, batch.goal, batch.label, objective, precision,
@@ -344,21 +381,60 @@ def _run_once(
             batch.x_best = torch.where(better.view(shape), batch.x, batch.x_best)
             batch.grad_best = torch.where(better.view(shape), batch.grad, batch.grad_best)
             if k in stretches:
-                stalled = ~batch.halved & (batch.loss_best <= batch.loss_checked)
-                halve = (batch.rises < rho * stretches[k]) | stalled
-                batch.eta = torch.where(halve, batch.eta / 2, batch.eta)
-                back = halve.view(shape)
-                batch.x = torch.where(back, batch.x_best, batch.x)
-                batch.x_prev = torch.where(back, batch.x_best, batch.x_prev)
-                batch.grad = torch.where(back, batch.grad_best, batch.grad)
-                batch.loss_prev = torch.where(halve, batch.loss_best, batch.loss_prev)
-                batch.halved, batch.loss_checked = halve, batch.loss_best
-                batch.rises = torch.zeros_like(batch.rises)
+                if l1:
+                    _review_l1(batch, threat.eps, dims)
+                else:
+                    _review(batch, rho, stretches[k])
     if len(batch.index):
         better = batch.loss > batch.loss_best  # the last iterate was not compared yet
         out[batch.index] = torch.where(better.view(shape), batch.x, batch.x_best)
         best[batch.index] = torch.maximum(batch.loss, batch.loss_best)
     return out, fooled, best
+
+
+def _review(batch: _Batch, rho: float, stretch: int) -> None:
+    """A checkpoint (linf, l2): halve the step of the samples whose objective rose in fewer than
+    ``rho`` of the stretch's steps, or whose best did not improve since an unhalved checkpoint,
+    and send them back to their best point."""
+    shape = (-1, *([1] * (batch.x.dim() - 1)))
+    stalled = ~batch.halved & (batch.loss_best <= batch.loss_checked)
+    halve = (batch.rises < rho * stretch) | stalled
+    batch.eta = torch.where(halve, batch.eta / 2, batch.eta)
+    back = halve.view(shape)
+    batch.x = torch.where(back, batch.x_best, batch.x)
+    batch.x_prev = torch.where(back, batch.x_best, batch.x_prev)
+    batch.grad = torch.where(back, batch.grad_best, batch.grad)
+    batch.loss_prev = torch.where(halve, batch.loss_best, batch.loss_prev)
+    batch.halved, batch.loss_checked = halve, batch.loss_best
+    batch.rises = torch.zeros_like(batch.rises)
+
+
+def _review_l1(batch: _Batch, eps: float, dims: int) -> None:
+    """A review (l1, module docstring): the step's share follows the best point's sparsity; a
+    sample whose best point became sparser restarts there at the full step, the others' step
+    shrinks."""
+    shape = (-1, *([1] * (batch.x.dim() - 1)))
+    sparsity = (batch.x_best != batch.x0).flatten(1).sum(dim=1).to(batch.sparsity.dtype)
+    sparser = sparsity < _L1_SPARSER * batch.sparsity
+    batch.share = sparsity / dims * _L1_SHARE_OF_SPARSITY
+    batch.eta = torch.where(sparser, torch.full_like(batch.eta, eps), batch.eta / _L1_STEP_SHRINK)
+    batch.eta = batch.eta.clamp(_L1_STEP_FLOOR * eps, eps)
+    batch.sparsity = sparsity
+    back = sparser.view(shape)
+    batch.x = torch.where(back, batch.x_best, batch.x)
+    batch.grad = torch.where(back, batch.grad_best, batch.grad)
+
+
+def _sparse_direction(grad: Tensor, share: Tensor) -> Tensor:
+    """The sign of the gradient on each sample's ``share`` of coordinates with the largest
+    gradient, scaled to l1 length 1 (l1-APGD's step direction)."""
+    size = grad.flatten(1).abs()
+    dims = size.shape[1]
+    rank = ((1 - share) * dims).long().clamp(0, dims - 1)  # the threshold's place in ascending order
+    threshold = size.sort(dim=1).values.gather(1, rank.unsqueeze(1))
+    chosen = (size >= threshold) & (size > 0)
+    direction = grad.flatten(1).sign() * chosen
+    return (direction / chosen.sum(dim=1, keepdim=True).clamp_min(1)).view_as(grad)
 
 
 def _evaluate(

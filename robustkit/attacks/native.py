@@ -70,13 +70,22 @@ def ascent_step(grad: Tensor, norm: Norm, size: float) -> Tensor:
 
 
 def random_start(x: Tensor, threat: ThreatModel, generator: torch.Generator) -> Tensor:
-    """A uniform point of the linf ball, or a uniform point of the l2 ball, around ``x``."""
+    """A uniform point of the linf, l2 or l1 ball around ``x``, projected into the bounds.
+
+    A uniform point of an lp ball is a direction ``g / ||g||_p`` with ``g`` drawn from the
+    generalised normal density ``exp(-|t|^p)`` (Gaussian for l2, Laplace for l1) times a
+    radius ``eps * u^(1/d)``.
+    """
     if threat.norm is Norm.LINF:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         delta = (2 * noise - 1) * threat.eps
     else:
+        p = 2 if threat.norm is Norm.L2 else 1
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        if p == 1:  # a Laplace draw: a Gaussian's sign times an exponential's size
+            uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = direction.sign() * -torch.log1p(-uniform)
+        direction = direction / direction.flatten(1).norm(p=p, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
         dims = x[0].numel()
         radius = torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / dims)
         delta = direction * (threat.eps * radius).view(-1, *([1] * (x.dim() - 1)))

@@ -22,6 +22,7 @@ import torch
 from robustkit.attacks.base import Attack
 from robustkit.audit import checks
 from robustkit.audit.engine import NEVER, Evaluation, NamedAttack, evaluate
+from robustkit.audit.pictures import attack_pictures, example_keeper
 from robustkit.audit.report import (
     AuditReport,
     Certification,
@@ -127,10 +128,8 @@ def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
     else:
         spec = get_suite(config.suite)
         entries = [(registry.resolve(a.name), dict(a.settings)) for a in spec.attacks]
-        skipped = [e.qualified_name for e, _ in entries if config.norm not in e.obj.norms]
-        if skipped:
-            log.warning("suite %s: %s do not support %s and are left out", spec.name, ", ".join(skipped),
-                        config.norm.value)
+        if (note := left_out_note(config)) is not None:
+            log.warning("%s", note)
         entries = [(e, s) for e, s in entries if config.norm in e.obj.norms]
     if not white_box:
         refused = [e.qualified_name for e, _ in entries if e.obj.needs_gradients]
@@ -160,6 +159,20 @@ def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
     return sorted(suite, key=lambda a: (not a.attack.needs_gradients, 0 if "fgsm" in a.name else 1))
 
 
+def left_out_note(config: AuditConfig) -> str | None:
+    """What a named suite could not run under ``config.norm`` (a weaker audit than its name
+    promises: said on the terminal and in the report's notes), or None."""
+    if config.attacks:
+        return None
+    spec = get_suite(config.suite)
+    registry = get_host().attacks
+    left_out = [a.name for a in spec.attacks if config.norm not in registry.resolve(a.name).obj.norms]
+    if not left_out:
+        return None
+    return (f"suite {spec.name}: {', '.join(left_out)} do not support {config.norm.value} and were not run; "
+            f"the worst case is over the others only")
+
+
 def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evaluation: Evaluation,
                  found_checks: Sequence[checks.Check], suite: list[NamedAttack], started: float) -> AuditReport:
     """The report of ``evaluation`` and ``found_checks``, without plugin sections (they are given
@@ -180,7 +193,8 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
         worst_case=worst_case_rows(config, evaluation),
         certification=Certification(evaluation.certification, round(sum(evaluation.certify_seconds.values()), 4)),
         checks=tuple(found_checks),
-        notes=tuple(note for outcome in evaluation.outcomes for note in outcome.notes),
+        notes=tuple(note for note in [left_out_note(config)] if note is not None)
+        + tuple(note for outcome in evaluation.outcomes for note in outcome.notes),
         model=loaded.describe(),
         data={**data.describe(), "limit": config.limit},
         environment=environment(config.load.device),
@@ -308,8 +322,26 @@ def run_audit_report(config: AuditConfig) -> AuditReport:
             return _run_audit(config, dist_ctx)
 
 
+def _with_sections(report: AuditReport, started: float) -> AuditReport:
+    """``report`` with the plugins' sections after its own; they read the document (a copy:
+    what they change stays theirs)."""
+    sections = report.sections + tuple(
+        Section(s.title, s.markdown, plugin)
+        for plugin, returned in get_host().collect("robustkit_report_sections", report=report.to_json_dict())
+        for s in (returned or []) if isinstance(s, ReportSection)
+    )
+    return dataclasses.replace(report, sections=sections, seconds=round(time.perf_counter() - started, 2))
+
+
 def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     started = time.perf_counter()
+    job = get_host().first_result("robustkit_audit_job", config=config)
+    if job is not None:  # a plugin's audit (text, ...): the sections and files are robustkit's, as below
+        report, per_sample = job
+        report = _with_sections(report, started)
+        if config.out is not None and dist_ctx.is_main:
+            write_report(report, config.out, per_sample)
+        return report
     loaded = load_model(config.model, config.load)
     data = load_dataset(config.data, limit=config.limit)  # only what --limit needs is read
     if config.limit is not None:
@@ -344,6 +376,7 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     clean_logits = predict_logits(loaded.model, data.x)  # once: the chance check and the engine share them
     clean_correct = clean_logits.argmax(1).cpu() == data.y.cpu()
     chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes)
+    keeper = example_keeper(data.x) if writes_files else None  # the report's pictures; None: not images
     if chance.status == "fail":  # nothing an attack could measure; said on the terminal and in the report
         log.error("%s", chance.detail)
         evaluation = Evaluation([], clean_correct, [], config.mode == "cascade")
@@ -351,7 +384,7 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
         evaluation = evaluate(loaded.model, data.x, data.y, suite, threats, batch_size=config.batch_size,
                               cascade=config.mode == "cascade", device=config.load.device, on_result=save_partial,
                               dist_ctx=dist_ctx, certify=config.certify, clean_logits=clean_logits,
-                              gradient_free_shortcut=shortcut)
+                              gradient_free_shortcut=shortcut, examples=keeper)
     found = [chance]
     failed = [f"{o.name} ({o.failed})" for o in evaluation.outcomes if o.failed]
     if failed:  # said on the terminal by the engine, here a failed check and a banner
@@ -368,15 +401,14 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
             found.append(checks.Check("sanity checks", "untested",
                                       "interrupted (Ctrl-C) before the sanity checks finished: none of them ran "
                                       "to the end, so gradient masking was not looked for"))
+    elif not config.run_checks:
+        found.append(checks.Check("sanity checks", "untested",
+                                  "skipped (--no-checks): gradient masking was not looked for"))
     report = build_report(config, loaded, data, evaluation, found, suite, started)
-    # Plugins read the report document (a copy: what they change stays theirs).
-    sections = tuple(
-        Section(s.title, s.markdown, plugin)
-        for plugin, returned in get_host().collect("robustkit_report_sections", report=report.to_json_dict())
-        for s in (returned or []) if isinstance(s, ReportSection)
-    )
-    report = dataclasses.replace(report, sections=sections, seconds=round(time.perf_counter() - started, 2))
+    report = _with_sections(report, started)
     if writes_files:
         assert config.out is not None
-        write_report(report, config.out, per_sample_rows(data, evaluation))
+        kept = keeper.chosen(evaluation.worst_broken_at()) if keeper is not None else []
+        write_report(report, config.out, per_sample_rows(data, evaluation),
+                     pictures=attack_pictures(loaded.model, data.x, data.y, kept, data.class_names))
     return report

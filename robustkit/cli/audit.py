@@ -19,7 +19,7 @@ from robustkit.cli.common import data_for, load_options, model_options, option_p
 @click.option("--suite", default="default", show_default=True, type=click.Choice(list(SUITES)),
               help="Named attack suite (`robustkit suites list`); --attack replaces it.")
 @click.option("--attack", "attacks", multiple=True, help="Attack name (repeatable); replaces the suite.")
-@click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--threat", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True)
 @click.option("--eps", help="Comma-separated eps in input units, e.g. 2/255,8/255 (default: per norm).")
 @option_pairs
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write report files to DIR.")
@@ -68,6 +68,7 @@ def audit(model: str, data: str | None, arch: str | None, trust_code: bool, mean
 
 
 def print_summary(report: dict[str, Any], out: Path | None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from robustkit.console import stdout
@@ -99,7 +100,12 @@ def print_summary(report: dict[str, Any], out: Path | None) -> None:
     for check in report["checks"]:
         colour = colours.get(check["status"], "white")
         stdout.print(f"[{colour}]{check['status']:>4}[/] {check['name']}: {check['detail']}")
-    if not report["complete"]:
-        stdout.print("[red]interrupted: partial results only[/]")
     if out is not None:
-        stdout.print(f"report written to {out}/report.html (and report.json, report.md, per_sample.csv)")
+        stdout.print(f"report written to {out}/report.html (and report.json, report.md, per_sample.csv, badge.svg)")
+    # the headline last, where the eye lands: the verdict (what weakens the figures first), the figures
+    summary = report["summary"]
+    colour = {"pass": "green", "warn": "yellow"}.get(summary["trust"], "red")
+    verdict, *figures = summary["headline"]
+    stdout.print(f"[bold {colour}]{escape(verdict)}[/]")
+    for line in figures:
+        stdout.print(f"[bold]{escape(line)}[/]")

@@ -4,7 +4,9 @@ train, audit after, and write the output folder.
 The folder holds ``model.safetensors`` (the best weights by robust validation accuracy),
 ``config.json`` (the resolved settings: pass it back with ``--config`` to repeat the run),
 ``train_log.jsonl`` (one record per epoch), ``curves.png``, ``summary.json`` (before/after
-robustness under PGD at the training eps) and ``checkpoint.pt`` (what ``--resume`` continues).
+robustness under PGD at the training eps), ``comparison.json`` and ``comparison.png`` (the same
+before/after in ``robustkit compare``'s form: per-sample McNemar test, both curves) and
+``checkpoint.pt`` (what ``--resume`` continues).
 Under torchrun every rank trains and evaluates its share; rank 0 alone writes.
 """
 
@@ -24,7 +26,9 @@ import torch
 from torch import nn
 
 from robustkit import __version__
+from robustkit.audit.compare import Audit, compare_reports, write_comparison
 from robustkit.audit.engine import NamedAttack, evaluate
+from robustkit.audit.run import AuditConfig, build_report
 from robustkit.data import TRAIN_FOLDER, Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.errors import RobustkitError
@@ -34,7 +38,7 @@ from robustkit.harden.config import RunConfig
 from robustkit.harden.loop import LOG_FILENAME, resolve_device
 from robustkit.harden.recipes import SCALED, get_recipe
 from robustkit.io import atomic_write, folder_lock
-from robustkit.models.base import INPUT_METADATA_KEY, LoadedModel, LoadOptions, input_metadata
+from robustkit.models.base import INPUT_METADATA_KEY, LoadedModel, LoadOptions, input_metadata, state_sha256
 from robustkit.models.loading import check_model_output, load_model
 from robustkit.modules import Normalized, seeded
 from robustkit.params import coerce
@@ -66,6 +70,8 @@ class HardenRequest:
     attack: str | None = None  #: inner maximiser of defences that take one (pgd-at)
     run: RunConfig = field(default_factory=RunConfig)
     recipe: str | None = None  #: a published configuration (robustkit.harden.recipes); the rest overrides it
+    awp: float | None = None  #: adversarial weight perturbation's gamma (``awp_gamma``), for robustkit's loop
+    val_data: str | None = None  #: a separate validation set for the canary, instead of a split of the training data
 
 
 def apply_recipe(request: HardenRequest, bounds: tuple[float, float]) -> HardenRequest:
@@ -127,7 +133,16 @@ def resolve_defence(request: HardenRequest) -> tuple[str, Defence]:
                 "defences with an inner attack, such as pgd-at"
             )
         options["attack"] = request.attack
+    if request.awp is not None:
+        if not cls.loop.awp:
+            raise RobustkitError(_own_loop_refusal(entry.qualified_name, ["--awp"]))
+        options["awp_gamma"] = request.awp
     return entry.qualified_name, cls(coerce(cls.Params, options, owner=entry.qualified_name))
+
+
+def _own_loop_refusal(name: str, refused: list[str]) -> str:
+    return (f"defence {name!r} trains in its own loop, which cannot honour {', '.join(refused)}; "
+            "drop them, or pick one of robustkit's defences (see `robustkit defences list`)")
 
 
 def _check_loop(name: str, defence: Defence, run: RunConfig, world: DistContext) -> None:
@@ -135,33 +150,34 @@ def _check_loop(name: str, defence: Defence, run: RunConfig, world: DistContext)
     any work starts (a library's own loop, such as ART's trainers)."""
     refused = defence.loop.refusals(run, world.world_size)
     if refused:
-        raise RobustkitError(
-            f"defence {name!r} trains in its own loop, which cannot honour {', '.join(refused)}; "
-            "drop them, or pick one of robustkit's defences (see `robustkit defences list`)"
-        )
+        raise RobustkitError(_own_loop_refusal(name, refused))
     missing = defence.loop.missing()
     if missing and world.is_main:
         log.warning("defence %s trains in its own loop: %s", name, "; ".join(missing))
 
 
-def audit(
-    model: nn.Module, data: Dataset, threat: ThreatModel, world: DistContext, device: torch.device
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class SummaryAudit:
+    """One side of the before/after: its figures for ``summary.json``, and the audit in
+    ``robustkit compare``'s form (report document and per-sample results)."""
+
+    figures: dict[str, float]
+    audit: Audit
+
+
+def audit(label: str, loaded: LoadedModel, request: HardenRequest, data: Dataset, threat: ThreatModel,
+          world: DistContext, device: torch.device) -> SummaryAudit:
     """Clean and PGD robust accuracy on the evaluation split (the before/after summary)."""
     entry = get_host().attacks.resolve(SUMMARY_ATTACK)
-    result = evaluate(
-        model,
-        data.x,
-        data.y,
-        [NamedAttack(entry.qualified_name, entry.obj())],
-        [threat],
-        device=device,
-        dist_ctx=world,
-    )
-    return {
-        "clean_accuracy": result.clean_accuracy,
-        "robust_accuracy": result.robust_accuracy(result.outcomes[0], threat.eps),
-    }
+    suite = [NamedAttack(entry.qualified_name, entry.obj())]
+    started = time.perf_counter()
+    result = evaluate(loaded.model, data.x, data.y, suite, [threat], device=device, dist_ctx=world)
+    config = AuditConfig(model=loaded.source, data=request.data, attacks=(entry.qualified_name,), norm=threat.norm,
+                         eps=(threat.eps,), run_checks=False, certify=False)
+    report = build_report(config, loaded, data, result, [], suite, started)
+    figures = {"clean_accuracy": result.clean_accuracy,
+               "robust_accuracy": result.robust_accuracy(result.outcomes[0], threat.eps)}
+    return SummaryAudit(figures, Audit(label, report.to_json_dict(), tuple(result.worst_broken_at().tolist())))
 
 
 def _weights(model: nn.Module, loaded: LoadedModel) -> dict[str, torch.Tensor]:
@@ -222,6 +238,7 @@ def resolved_config(
     return {
         "model": request.model,
         "data": request.data,
+        "val_data": request.val_data,
         "recipe": request.recipe,
         "defence": defence_name,
         "arch": request.arch,
@@ -269,6 +286,9 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
         raise RobustkitError(
             f"{out} holds the checkpoint of an earlier run; pass --resume to continue it, or choose another --out"
         )
+    job: dict[str, Any] | None = get_host().first_result("robustkit_harden_job", request=request)
+    if job is not None:  # a plugin's job (text, ...) that trains and writes its own outputs
+        return job
     data = load_dataset(request.data)
     notes: list[str] = []
     if data.x_train is None and Path(request.data).is_dir():  # a folder of class folders: split it, loudly
@@ -277,6 +297,8 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
                      f"({1 - SPLIT_FRACTION:.0%} training, {SPLIT_FRACTION:.0%} held out for the before/after audit)")
         log.warning("%s", notes[-1])
     data.training_split()  # before the model loads and the "before" audit runs
+    if request.val_data is not None:
+        data = data.with_validation(load_dataset(request.val_data), request.val_data)
     request = apply_recipe(request, data.bounds)
     defence_name, defence = resolve_defence(request)
     threat = resolve_threat(request.threat, request.eps, data.bounds)
@@ -301,16 +323,19 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", config)
 
-    before = audit(model, data, threat, world, device)
+    before = audit("before", loaded, request, data, threat, world, device)
     result = defence.apply(model, data, threat=threat, run=run)
     result.notes = notes + result.notes
-    after = audit(result.model, data, threat, world, device)
-    summary = _summary(request, defence_name, defence, threat, data, result, before, after, world)
+    hardened = dataclasses.replace(loaded, model=result.model, source=f"{request.model} hardened with {defence_name}",
+                                   format="hardened", sha256=state_sha256(result.model), notes=[])
+    after = audit("after", hardened, request, data, threat, world, device)
+    summary = _summary(request, defence_name, defence, threat, data, result, before.figures, after.figures, world)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if world.is_main:
         if run.resume:
             atomic_write(out / "config.json", config)
         _write_outputs(out, request, result, summary, defence_name, threat, loaded, data)
+        write_comparison(compare_reports(before.audit, after.audit), out)
     return summary
 
 
@@ -351,7 +376,8 @@ def _summary(
 
 def _output_files(defence: Defence, history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """The files a run leaves: the log and checkpoint only from a loop that writes them."""
-    files = [("model", "model.safetensors"), ("config", "config.json"), ("summary", "summary.json")]
+    files = [("model", "model.safetensors"), ("config", "config.json"), ("summary", "summary.json"),
+             ("comparison", "comparison.json"), ("comparison_plot", "comparison.png")]
     if defence.loop.checkpoints:
         files += [("log", LOG_FILENAME), ("checkpoint", checkpoint.FILENAME)]
     if history:
