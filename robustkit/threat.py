@@ -150,7 +150,8 @@ class ThreatModel:
         return replace(self, eps=eps)
 
     def __str__(self) -> str:
-        return f"{self.norm.value}:{self.eps:g}" + (" (targeted)" if self.targeted else "")
+        """``linf:8/255``: eps as people write it (``eps_text``), which ``parse`` reads back."""
+        return f"{self.norm.value}:{eps_text(self.eps)}" + (" (targeted)" if self.targeted else "")
 
     def balls(self, radii: Tensor) -> Iterator[tuple[ThreatModel, Tensor]]:
         """This threat at each distinct radius of ``radii`` (N,), with the mask of its samples.

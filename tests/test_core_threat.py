@@ -209,6 +209,8 @@ def test_with_eps_and_str() -> None:
     threat = ThreatModel.parse("l2:0.5", targeted=True)
     assert threat.with_eps(1.0) == ThreatModel(Norm.L2, 1.0, targeted=True)
     assert str(threat) == "l2:0.5 (targeted)"
+    assert str(ThreatModel.parse("linf:8/255")) == "linf:8/255"  # as written, and parse reads it back
+    assert ThreatModel.parse(str(ThreatModel(Norm.LINF, 8 / 255))).eps == 8 / 255
 
 
 # -- params ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from robustkit.attacks.base import Attack
 from robustkit.audit.engine import Evaluation, NamedAttack
 from robustkit.models.loading import OutputCheck
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
-from robustkit.threat import Norm, ThreatModel
+from robustkit.threat import Norm, ThreatModel, eps_text
 
 #: "untested": the check ran but had nothing to test (e.g. no sample breaks at its eps); it is
 #: reported as such, never as a pass.
@@ -144,8 +144,9 @@ def iterative_vs_fgsm(inputs: CheckInputs) -> Check:
     fgsm = _robust_accuracy(inputs, inputs.fgsm.attack, inputs.threat)
     iterative = _robust_accuracy(inputs, inputs.iterative.attack, inputs.threat)
     weaker = int((~fgsm & iterative).sum())
-    detail = (f"at eps {inputs.threat.eps:g}, {inputs.iterative.name} left standing {weaker} of {len(fgsm)} samples "
-              f"that FGSM broke (FGSM {fgsm.float().mean():.1%}, iterative {iterative.float().mean():.1%})")
+    detail = (f"at eps {eps_text(inputs.threat.eps)}, {inputs.iterative.name} left standing {weaker} of "
+              f"{len(fgsm)} samples that FGSM broke (FGSM {fgsm.float().mean():.1%}, "
+              f"iterative {iterative.float().mean():.1%})")
     if bool(fgsm.all()) and bool(iterative.all()):
         return Check("iterative >= fgsm", "untested",
                      detail + ": neither attack broke a sample here, nothing to compare")
@@ -188,7 +189,7 @@ def monotone_in_eps(inputs: CheckInputs) -> Check:
     accs = [float(_robust_accuracy(inputs, named.attack, inputs.threat.with_eps(e)).float().mean())
             for e in inputs.eps]
     rises = [(a, b, e) for a, b, e in zip(accs, accs[1:], inputs.eps[1:]) if b > a + 1.0 / len(inputs.x) + 1e-9]
-    listing = ", ".join(f"{e:g}: {a:.1%}" for e, a in zip(inputs.eps, accs))
+    listing = ", ".join(f"{eps_text(e)}: {a:.1%}" for e, a in zip(inputs.eps, accs))
     if len(set(accs)) == 1:
         return Check("monotone in eps", "untested", f"{named.name} gives {accs[0]:.1%} at every eps ({listing}): "
                      "a flat curve cannot show a rise")
@@ -209,7 +210,7 @@ def large_eps_probe(inputs: CheckInputs) -> Check:
         return Check("large-eps probe", "warn", f"not checked: {named.name} has no linf mode")
     accuracy = float(_robust_accuracy(inputs, named.attack, probe).float().mean())
     chance = 1.0 / inputs.num_classes
-    detail = f"{named.name} at linf {probe.eps:g} leaves {accuracy:.1%} accuracy (chance {chance:.1%})"
+    detail = f"{named.name} at linf {eps_text(probe.eps)} leaves {accuracy:.1%} accuracy (chance {chance:.1%})"
     if accuracy <= chance + 0.05:
         return Check("large-eps probe", "pass", detail)
     return Check("large-eps probe", "fail" if accuracy > 0.5 else "warn",
@@ -245,7 +246,7 @@ def convergence(inputs: CheckInputs) -> Check:
     strong = float(_robust_accuracy(inputs, type(named.attack)(stronger), inputs.threat).float().mean())
     gap = base - strong
     detail = (f"{named.name} with twice the steps and one more restart: {base:.1%} -> {strong:.1%} "
-              f"on {len(inputs.x)} samples at eps {inputs.threat.eps:g}")
+              f"on {len(inputs.x)} samples at eps {eps_text(inputs.threat.eps)}")
     if base == strong == 1.0:
         return Check("convergence", "untested", detail + ": no sample breaks at this eps, nothing to converge on")
     if gap <= 0.01 + 1e-9:
@@ -292,7 +293,7 @@ def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation
     threat = evaluation.threats[0].with_eps(eps)
     standing = _standing(model, x[index], y[index], iterative.attack, threat, batch_size)
     broken = int((~standing).sum())
-    detail = (f"{iterative.name} at eps {eps:g} broke {broken} of {len(index)} samples proven robust "
+    detail = (f"{iterative.name} at eps {eps_text(eps)} broke {broken} of {len(index)} samples proven robust "
               f"({evaluation.certification})")
     if broken == 0:
         return Check(name, "pass", detail)

@@ -53,7 +53,7 @@ from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError
 from robustkit.modules import Model, fast_layout, predict_logits
-from robustkit.threat import TOLERANCE, Norm, ThreatModel, per_sample_norm
+from robustkit.threat import TOLERANCE, Norm, ThreatModel, eps_text, per_sample_norm
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def evaluate(
 
                 def run(named: NamedAttack, outcome: AttackOutcome, at: Sequence[ThreatModel]) -> None:
                     """Run one attack at the eps of ``at``, on the samples still standing at each."""
-                    bar.update(task, description=f"{named.name} {at[0].norm}:{','.join(f'{t.eps:g}' for t in at)}")
+                    bar.update(task, description=f"{named.name} {at[0].norm}:{','.join(eps_text(t.eps) for t in at)}")
                     standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
                     todo = [((standing > t.eps) & _not_proven(evaluation, t.eps)).nonzero().squeeze(1) for t in at]
                     done = sum(len(o.seconds) for o in outcomes)  # (attack, eps) steps finished
@@ -311,7 +311,7 @@ def evaluate(
                 def run_nested(named: NamedAttack, outcome: AttackOutcome) -> None:
                     """Run a gradient-free attack as a nested search over every eps (largest first)."""
                     bar.update(task, description=f"{named.name} {threats[0].norm}:"
-                                                 f"{','.join(f'{t.eps:g}' for t in reversed(threats))} (nested)")
+                                                 f"{','.join(eps_text(t.eps) for t in reversed(threats))} (nested)")
                     standing = evaluation.worst_broken_at() if cascade else outcome.broken_at
                     eligible = torch.stack([(standing > t.eps) & _not_proven(evaluation, t.eps) for t in threats])
                     done = sum(len(o.seconds) for o in outcomes)

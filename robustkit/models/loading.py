@@ -189,9 +189,10 @@ def check_model_output(model: Model, x: Tensor, num_classes: int | None = None) 
     probe = x[: min(len(x), 16)].to(model_device(model))
     if isinstance(model, Normalized) and x.dim() >= 2 and model.mean.numel() not in (x.shape[1],):
         channels = x.shape[1]
-        raise RobustkitError(
-            f"--mean/--std give {model.mean.numel()} value(s) but the data has {channels} channel(s); give one "
-            f"per channel, e.g. --mean {','.join(['0.5'] * channels)} --std {','.join(['0.25'] * channels)}"
+        raise RobustkitError(  # the values come from --mean/--std, the file's metadata or a library's config
+            f"the normalisation (mean/std) has {model.mean.numel()} value(s) but the data has {channels} channel(s): "
+            f"give data with the model's channels, or one --mean/--std value per channel, e.g. "
+            f"--mean {','.join(['0.5'] * channels)} --std {','.join(['0.25'] * channels)}"
         )
     try:
         out = predict_logits(model, probe)

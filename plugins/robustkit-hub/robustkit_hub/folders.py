@@ -160,10 +160,12 @@ def _check_loading(folder: Path, info: dict[str, Any]) -> None:
     would otherwise initialise what is missing or mis-sized at random and go on."""
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:
-        key, saved, expected = mismatched[0]
+        first = mismatched[0]  # transformers 5: (key, file shape, config shape); 4.x: the key alone
+        example = (f"{first[0]}: file {tuple(first[1])} vs config {tuple(first[2])}" if isinstance(first, tuple)
+                   else str(first))
         raise RobustkitError(f"{folder.name}: its weights do not fit its config.json: {len(mismatched)} shape "
-                             f"mismatch(es), e.g. {key}: file {tuple(saved)} vs config {tuple(expected)} (num_labels "
-                             "in config.json must be the classifier's size); save config and weights together")
+                             f"mismatch(es), e.g. {example} (num_labels in config.json must be the classifier's "
+                             "size); save config and weights together")
     for kind in ("missing", "unexpected"):
         keys = sorted(info.get(f"{kind}_keys") or [])
         if keys:

@@ -250,8 +250,9 @@ def test_config_that_does_not_fit_the_weights_is_refused(vit_folder: tuple[nn.Mo
     config["id2label"] = {str(i): f"c{i}" for i in range(5)}
     config["label2id"] = {f"c{i}": i for i in range(5)}
     (folder / "config.json").write_text(json.dumps(config))
+    # transformers 5 reports the shapes, 4.x the key alone
     with pytest.raises(RobustkitError, match=r"five: its weights do not fit its config.json: 2 shape mismatch\(es\), "
-                                             r"e.g. classifier.bias: file \(10,\) vs config \(5,\)"):
+                                             r"e.g. classifier.bias(: file \(10,\) vs config \(5,\))? \(num_labels"):
         load_model(str(folder))
 
 

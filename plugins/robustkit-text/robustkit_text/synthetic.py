@@ -89,7 +89,7 @@ def save_tiny_model(folder: Path, texts: list[str], num_labels: int = 2, seed: i
     tokenizer = build_tokenizer(texts)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=64, num_labels=num_labels,
-                        pad_token_id=tokenizer.pad_token_id)  # type: ignore[call-arg]
+                        pad_token_id=tokenizer.pad_token_id)  # type: ignore[call-arg, unused-ignore]  # transformers 5 types it, 4.x not
     with seeded(seed):
         model = BertForSequenceClassification(config)
     folder.mkdir(parents=True, exist_ok=True)
