@@ -21,8 +21,10 @@ from robustkit import distributed
 from robustkit.attacks.base import Attack
 from robustkit.attacks.native import ascent_step, random_start
 from robustkit.data import Dataset
+from robustkit.distributed import DistContext
 from robustkit.errors import RobustkitError
 from robustkit.harden.base import Defence, DefenceResult
+from robustkit.harden.canary import canary as ball_canary
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.loop import train
 from robustkit.harden.step import Step, StepContext, adversarial_step, cross_entropy_loss
@@ -57,6 +59,12 @@ class TrainingDefence(Defence):
     @abstractmethod
     def make_step(self, ctx: StepContext) -> Step:
         """The training step for one run (it may keep state across batches in ``ctx.carry``)."""
+
+    def canary(self, craft: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, params: TrainingParams,
+               precision: Precision, world: DistContext, device: torch.device) -> tuple[float, float]:
+        """(clean, robust) validation accuracy after each epoch: a few-step PGD in the threat's
+        ball (``harden.canary``). A defence whose threat is not a ball (text edits) overrides it."""
+        return ball_canary(craft, x, y, threat, params, precision, world, device)
 
     def apply(
         self,

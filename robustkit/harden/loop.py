@@ -37,7 +37,7 @@ from robustkit.harden.augment import batch_generator, parse_augmentation
 from robustkit.harden.awp import WeightPerturbation
 from robustkit.harden.base import DefenceResult
 from robustkit.harden.batches import Batches, validation_split
-from robustkit.harden.canary import RunState, canary, judge_epoch
+from robustkit.harden.canary import RunState, judge_epoch
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.step import LoopDefence, Optimization, StepContext
 from robustkit.io import atomic_write
@@ -409,8 +409,7 @@ class Engine:
         loss_total, correct_total, n, seconds = state.running
         loss_total, correct_total, n = distributed.sum_over_ranks([loss_total, correct_total, n], self.world)
         canary_started = time.perf_counter()
-        # a defence may bring its own canary, same signature (text defences attack tokens, not a ball)
-        clean, robust = getattr(self.defence, "canary", canary)(
+        clean, robust = self.defence.canary(
             self.ctx.craft,
             self.x_val,
             self.y_val,

@@ -155,7 +155,7 @@ def adversarial_step(
 class LoopDefence(Protocol):
     """What the loop needs of a training defence (``robustkit.harden.defences.StepDefence``
     is the base class that provides it): a name and params for the recipe, the validation
-    metric that picks the best epoch, replays per batch and the step."""
+    metric that picks the best epoch, replays per batch, the step, and the per-epoch canary."""
 
     name: ClassVar[str]
     monitor: ClassVar[str]
@@ -165,3 +165,6 @@ class LoopDefence(Protocol):
     def replays(self) -> int: ...
 
     def make_step(self, ctx: StepContext) -> Step: ...
+
+    def canary(self, craft: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, params: Any,
+               precision: Precision, world: DistContext, device: torch.device) -> tuple[float, float]: ...
