@@ -333,3 +333,26 @@ def test_hook_robustkit_harden_job(host: Host, register_plugin: Register, tmp_pa
         run_harden(request)
     with pytest.raises(RobustkitError, match="does not exist"):  # not the job's: robustkit's own harden
         run_harden(HardenRequest("builtin:digits-cnn", "missing.npz", "pgd-at", run=RunConfig(out_dir=tmp_path / "x")))
+
+
+def test_hook_robustkit_export_job(host: Host, register_plugin: Register, tmp_path: Path) -> None:
+    from robustkit import ExportConfig, run_export
+
+    class OwnExport:
+        @hookimpl
+        def robustkit_export_job(self, config: Any) -> ExportResult | None:
+            if not config.model.endswith(".txt"):
+                return None  # robustkit's exporters
+            if config.format == "crash":
+                raise ValueError("no tokenizer")
+            config.out.write_text(config.model)
+            return ExportResult(config.out, config.format, [config.out], verified=True)
+
+    register_plugin(OwnExport(), "own")
+    config = ExportConfig("model.txt", format="own", out=tmp_path / "model.own")  # no exporter is named "own"
+    result = run_export(config)
+    assert result.verified and result.format == "own" and (tmp_path / "model.own").read_text() == "model.txt"
+    with pytest.raises(RobustkitError, match=r"^plugin 'own' failed in robustkit_export_job: ValueError: no tokenizer"):
+        run_export(dataclasses.replace(config, format="crash"))
+    with pytest.raises(RobustkitError, match="unknown exporter 'own'"):  # not the job's: robustkit's own export
+        run_export(dataclasses.replace(config, model="builtin:digits-cnn"))

@@ -59,13 +59,18 @@ def print_result(result: dict[str, Any]) -> None:
     if "dynamo_failed" in details:
         stdout.print(f"  written by torch's TorchScript-based ONNX exporter; the newer dynamo exporter was tried "
                      f"first and not used: {details['dynamo_failed']}")
+    if "tokenizer" in details:  # a text export's
+        stdout.print(f"  its tokenizer: {details['tokenizer']}/ (AutoTokenizer.from_pretrained)")
+    lengths = f" and sequence lengths {', '.join(map(str, checks['sequence_lengths']))}" if (
+        "sequence_lengths" in checks) else ""  # a text export's
     stdout.print(f"  outputs: max abs diff {checks['max_abs_diff']:.2g} at batch sizes "
-                 f"{', '.join(map(str, checks['batch_sizes']))}; "
+                 f"{', '.join(map(str, checks['batch_sizes']))}{lengths}; "
                  f"argmax agreement {100 * checks['argmax_agreement']:.0f}%")
-    stdout.print(f"  adversarial parity ({checks['parity_attack']}): robust accuracy "
-                 f"{100 * checks['robust_accuracy_torch']:.1f}% torch vs "
-                 f"{100 * checks['robust_accuracy_exported']:.1f}% exported "
-                 f"(gap {100 * checks['parity_gap']:.2f} points)")
+    if "parity_attack" in checks:  # an image export's
+        stdout.print(f"  adversarial parity ({checks['parity_attack']}): robust accuracy "
+                     f"{100 * checks['robust_accuracy_torch']:.1f}% torch vs "
+                     f"{100 * checks['robust_accuracy_exported']:.1f}% exported "
+                     f"(gap {100 * checks['parity_gap']:.2f} points)")
     robustness = result["metadata"].get("robustness")
     if robustness:
         norm = robustness["threat"]["norm"]

@@ -31,6 +31,9 @@ from robustkit.params import param
 log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "input", "logits"
+#: Each graph input (in the model's argument order) and its dynamic axes; the output's axis 0 is "batch".
+Axes = dict[str, dict[int, str]]
+IMAGE_AXES: Axes = {INPUT: {0: "batch"}}
 #: Operators whose outputs change from run to run: a deployed model should not hold them.
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 #: Above this a model cannot be one protobuf; its weights go to ``NAME.onnx.data`` beside it.
@@ -74,14 +77,17 @@ def _opset(proto: Any) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _dynamo(model: nn.Module, example: Tensor, opset: int) -> Any:
+def _dynamo(model: nn.Module, example: tuple[Tensor, ...], opset: int, axes: Axes) -> Any:
+    # one Dim per axis name: inputs that share "batch" must agree on it
+    dims = {name: torch.export.Dim(name) for named in axes.values() for name in named.values()}
     # torch.export prints the failing graph to stderr; keep it for -v rather than the terminal.
     printed = io.StringIO()
     try:
         with _quiet(), redirect_stdout(printed), redirect_stderr(printed):
             program = torch.onnx.export(
-                model, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT],
-                output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                model, example, None, dynamo=True, opset_version=opset, input_names=list(axes),
+                output_names=[OUTPUT], verbose=False,
+                dynamic_shapes=tuple({axis: dims[name] for axis, name in named.items()} for named in axes.values()),
             )
     finally:
         if printed.getvalue().strip():
@@ -94,15 +100,16 @@ def _dynamo(model: nn.Module, example: Tensor, opset: int) -> Any:
     return proto
 
 
-def _torchscript(model: nn.Module, example: Tensor, opset: int, path: Path) -> tuple[Any, list[str]]:
+def _torchscript(model: nn.Module, example: tuple[Tensor, ...], opset: int, path: Path, axes: Axes
+                 ) -> tuple[Any, list[str]]:
     """The TorchScript-based exporter, and the tracer's warnings about what it could not record."""
     import onnx
 
     with _quiet(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
-            output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            model, example, str(path), dynamo=False, opset_version=opset, input_names=list(axes),
+            output_names=[OUTPUT], dynamic_axes={**axes, OUTPUT: {0: "batch"}},
         )
     tracer = sorted({str(w.message).strip().splitlines()[0] for w in caught
                      if issubclass(w.category, torch.jit.TracerWarning)})
@@ -128,6 +135,12 @@ class OnnxExporter(Exporter):
         return any(prop.key == METADATA_KEY for prop in proto.metadata_props)
 
     def export(self, model: nn.Module, example: Tensor, path: Path, *, metadata: dict[str, Any]) -> ExportResult:
+        return self.write(model, (example,), path, metadata=metadata, axes=IMAGE_AXES)
+
+    def write(self, model: nn.Module, example: tuple[Tensor, ...], path: Path, *, metadata: dict[str, Any],
+              axes: Axes) -> ExportResult:
+        """``export`` of a model with any inputs (``axes``), for jobs that verify on their own
+        (text classifiers take token ids and an attention mask)."""
         import onnx
 
         p: OnnxParams = self.params
@@ -136,13 +149,13 @@ class OnnxExporter(Exporter):
         proto = None
         if p.dynamo:
             try:
-                proto = _dynamo(model, example, p.opset)
+                proto = _dynamo(model, example, p.opset, axes)
                 details["exporter"] = "dynamo"
             except Exception as err:  # any failure hands over to the fallback
                 details["dynamo_failed"] = str(err) if isinstance(err, RobustkitError) else _one_line(err)
         if proto is None:
             try:
-                proto, tracer = _torchscript(model, example, p.opset, path)
+                proto, tracer = _torchscript(model, example, p.opset, path, axes)
             except Exception as err:
                 tried = f"dynamo: {details['dynamo_failed']}; " if p.dynamo else ""
                 raise RobustkitError(f"the model cannot be exported to ONNX ({tried}torchscript: {_one_line(err)})"

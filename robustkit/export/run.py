@@ -311,14 +311,27 @@ def _threat(config: ExportConfig, report: dict[str, Any] | None, bounds: tuple[f
     return ThreatModel(norm, eps, bounds)
 
 
+def export_versions(*packages: str) -> dict[str, Any]:
+    """The versions that wrote an export (robustkit, torch, onnx, onnxruntime, python, ``packages``)."""
+    from importlib import metadata
+
+    from robustkit import __version__
+    from robustkit.environment import environment
+
+    return {"robustkit": __version__, **{k: v for k, v in environment("cpu").items()
+                                         if k in ("torch", "onnx", "onnxruntime", "python")},
+            **{package: metadata.version(package) for package in packages}}
+
+
 def run_export(config: ExportConfig) -> ExportResult:
     """``robustkit export`` as a function: load, summarise, export, verify, write."""
-    from robustkit import __version__
     from robustkit.data import load_dataset
-    from robustkit.environment import environment
     from robustkit.models.loading import check_model_output, load_model
     from robustkit.plugin.host import get_host
 
+    job: ExportResult | None = get_host().first_result("robustkit_export_job", config=config)
+    if job is not None:  # a plugin's export (text, ...): written and verified by the plugin
+        return job
     entry = get_host().exporters.resolve(config.format)
     exporter: Exporter = entry.obj(coerce(entry.obj.Params, dict(config.options), owner=entry.qualified_name))
     path = config.out or default_out(config.model, exporter.suffix)
@@ -351,8 +364,7 @@ def run_export(config: ExportConfig) -> ExportResult:
         "input": {"shape": list(data.input_shape), "bounds": list(data.bounds),
                   "note": "inputs in the bounds; any normalisation is inside the model"},
         "robustness": robustness,
-        "versions": {"robustkit": __version__, **{k: v for k, v in environment("cpu").items()
-                                                 if k in ("torch", "onnx", "onnxruntime", "python")}},
+        "versions": export_versions(),
     }
     return export_model(loaded.model, exporter, path, x=x, y=y, threat=threat, metadata=metadata, warnings=warnings,
                         force=config.force)

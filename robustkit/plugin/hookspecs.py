@@ -76,6 +76,15 @@ def robustkit_harden_job(request: Any) -> dict[str, Any] | None:
     writing its outputs and returning the summary; or None."""
 
 
+@hookspec(firstresult=True)
+def robustkit_export_job(config: Any) -> Any | None:
+    """Export a model that robustkit's exporters cannot (a text classifier, ...), or return None.
+
+    ``config`` is the ``ExportConfig``; returns the ``ExportResult`` after verifying the files
+    and moving them into place, as ``robustkit export`` does for its own formats.
+    """
+
+
 @hookspec
 def robustkit_report_sections(report: dict[str, Any]) -> list[ReportSection] | None:
     """Extra sections for a report, given the report document (the JSON contract)."""

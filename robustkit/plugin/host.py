@@ -42,7 +42,7 @@ REGISTER_HOOKS = {
 #: hooks whose every result is gathered; a failing implementation is skipped, not fatal
 COLLECT_HOOKS = ("robustkit_report_sections",)
 #: firstresult hooks: an implementation that refuses or fails lets the next one answer
-FIRST_RESULT_HOOKS = ("robustkit_load_model", "robustkit_audit_job", "robustkit_harden_job")
+FIRST_RESULT_HOOKS = ("robustkit_load_model", "robustkit_audit_job", "robustkit_harden_job", "robustkit_export_job")
 
 
 @dataclass

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 FORMAT = "huggingface"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 #: Longest sequence a data set is padded to when neither tokenizer nor config says less.
 MAX_LENGTH = 512
 
@@ -103,6 +104,11 @@ def is_model_folder(ref: str) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def is_text_folder(ref: str) -> bool:
+    """A model folder with tokenizer files: a text model (image folders have a processor instead)."""
+    return is_model_folder(ref) and any((Path(ref).expanduser() / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_folder(ref: str, options: LoadOptions) -> LoadedModel:
     """Load a ``save_pretrained`` folder as a ``TextClassifier``; one-line refusals otherwise."""
     path = Path(ref).expanduser()
@@ -122,8 +128,7 @@ def load_folder(ref: str, options: LoadOptions) -> LoadedModel:
     if config.get("auto_map") and not options.trust_code:
         raise RobustkitError(f"{ref} asks to run its own Python code (auto_map in config.json); pass --trust-code "
                              "if you trust it")
-    tokenizer_files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-    if not any((path / name).is_file() for name in tokenizer_files):
+    if not is_text_folder(ref):
         raise RobustkitError(f"{ref} has no tokenizer files; save the tokenizer beside the model "
                              "(tokenizer.save_pretrained(folder))")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

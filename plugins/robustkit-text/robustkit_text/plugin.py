@@ -3,7 +3,8 @@
 Imports only robustkit (which imports no torch until used), so discovering the plugin
 (``robustkit --help``) costs neither torch nor transformers; each hook imports what it needs.
 The audit and harden jobs take a request only when its data is text (a ``.csv``/``.jsonl``
-file or folder, ``text:sentiment``) and leave every other request to robustkit.
+file or folder, ``text:sentiment``), the export job also when the model is a folder with a
+tokenizer; every other request is left to robustkit.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from robustkit import LoadedModel, LoadOptions, ProviderRegistry
     from robustkit.audit.report import AuditReport
     from robustkit.audit.run import AuditConfig
+    from robustkit.export.run import ExportConfig, ExportResult
     from robustkit.harden.api import HardenRequest
 
 
@@ -53,3 +55,15 @@ def robustkit_harden_job(request: HardenRequest) -> dict[str, Any] | None:
     from robustkit_text.harden import run_text_harden
 
     return run_text_harden(request)
+
+
+@robustkit.hookimpl
+def robustkit_export_job(config: ExportConfig) -> ExportResult | None:
+    from robustkit_text.data import is_text_ref
+    from robustkit_text.model import is_text_folder
+
+    if not (is_text_ref(config.data) or is_text_folder(config.model)):
+        return None
+    from robustkit_text.export import run_text_export
+
+    return run_text_export(config)
