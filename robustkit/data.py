@@ -6,7 +6,9 @@ wrong, where, and how to fix it. One exception saves memory where data is larges
 training split stored as uint8 (an ``.npz`` ``x_train`` of uint8, a ``train/`` image folder)
 stays uint8 in memory, a quarter of float32, and ``float_inputs`` turns each batch into
 floats in [0, 1] where it is used (on the training device), with the very numbers a float
-loader would have produced.
+loader would have produced. ``load_dataset(..., stored=True)`` keeps the evaluation split so
+too, for harden: its validation data and the image folder it splits into training and
+evaluation.
 
 Data files are untrusted input: ``.npz`` archives are read member by member with
 :mod:`zipfile` (never unpickled), every array's declared shape and dtype are checked against
@@ -135,10 +137,12 @@ class Dataset:
             "sha256": tensors_sha256(self.x, self.y),
         }
 
-    def validate(self, num_classes: int | None = None) -> Dataset:
-        """Check both splits against the convention; ``num_classes`` is the model's."""
+    def validate(self, num_classes: int | None = None, *, stored: bool = False) -> Dataset:
+        """Check both splits against the convention; ``num_classes`` is the model's. ``stored``:
+        the evaluation split may be uint8 too (``load_dataset``)."""
         classes = num_classes or self.num_classes
-        validate_split(self.x, self.y, bounds=self.bounds, num_classes=classes, where=f"{self.name} (eval split)")
+        validate_split(self.x, self.y, bounds=self.bounds, num_classes=classes, where=f"{self.name} (eval split)",
+                       uint8_ok=stored)
         self.y = self.y.long()  # checked above: any integer dtype whose values are class indices
         if self.x_train is not None and self.y_train is not None:
             validate_split(self.x_train, self.y_train, bounds=self.bounds, num_classes=classes,
@@ -357,10 +361,10 @@ def _check_dtype(member: _NpyMember, where: str) -> None:
         raise DataError(f"{where}: {member.key} has dtype {member.dtype}; give integer class indices{hint}")
 
 
-def _loaded_bytes(member: _NpyMember, limit: int | None) -> int:
+def _loaded_bytes(member: _NpyMember, limit: int | None, stored: bool) -> int:
     """What the array costs in memory as read and as converted (float32 inputs, int64 labels;
-    a uint8 training split stays as it is)."""
-    kept = member.key == "x_train" and member.dtype == np.uint8
+    uint8 inputs of the training split, or of both with ``stored``, stay as they are)."""
+    kept = (member.key == "x_train" or stored) and member.dtype == np.uint8
     converted = 8 if member.key.startswith("y") else 1 if kept else 4
     return math.prod(member.rows(limit)) * max(member.dtype.itemsize, converted)
 
@@ -402,6 +406,11 @@ def _as_float_inputs(array: np.ndarray, where: str) -> Tensor:
     return torch.from_numpy(np.asarray(array, dtype=np.float32, order="C"))
 
 
+def _as_stored(array: np.ndarray, where: str) -> Tensor:
+    """uint8 images as they are (``float_inputs`` converts them where they are used), else floats."""
+    return torch.from_numpy(array) if array.dtype == np.uint8 else _as_float_inputs(array, where)
+
+
 def _as_labels(array: np.ndarray, where: str, key: str = "y") -> Tensor:
     """int64 labels, checked in their own dtype first: uint64 values past int64 would wrap."""
     if not np.issubdtype(array.dtype, np.integer):
@@ -415,14 +424,15 @@ def _as_labels(array: np.ndarray, where: str, key: str = "y") -> Tensor:
     return torch.from_numpy(np.asarray(array, dtype=np.int64, order="C"))
 
 
-def load_npz(path: Path, limit: int | None = None) -> Dataset:
+def load_npz(path: Path, limit: int | None = None, stored: bool = False) -> Dataset:
     """``x``/``y`` (evaluation) and optionally ``x_train``/``y_train``; never unpickles.
 
     Every array's ``.npy`` header is read first (shape, dtype) and checked against the data the
     archive holds and against :func:`max_array_bytes`, so a truncated array or a small file
     that inflates to gigabytes is refused before its data is read. With ``limit`` only the
     first ``limit`` evaluation samples are read and the training split is left out (for
-    audits); the class count still comes from all labels of both splits.
+    audits); the class count still comes from all labels of both splits. ``stored``: a uint8
+    ``x`` stays uint8 as well (``load_dataset``).
     """
     where = str(path)
     with _open_npz(path) as archive:
@@ -442,11 +452,11 @@ def load_npz(path: Path, limit: int | None = None) -> Dataset:
             if key in members:
                 _check_dtype(members[key], where)
                 message = over_limit(f"{path}: array {key!r} of shape {members[key].rows(rows)} "
-                                     f"{members[key].dtype}", _loaded_bytes(members[key], rows))
+                                     f"{members[key].dtype}", _loaded_bytes(members[key], rows, stored))
                 if message:
                     raise DataError(message)
         arrays = {key: _read_npy(archive, members[key], path, rows) for key, rows in wanted.items() if key in members}
-    x = _as_float_inputs(arrays["x"], where)
+    x = _as_stored(arrays["x"], where) if stored else _as_float_inputs(arrays["x"], where)
     y = _as_labels(arrays["y"], where, "y")
     y_train = _as_labels(arrays["y_train"], where, "y_train") if train else None
     labels = torch.cat([y.flatten()] + ([y_train.flatten()] if y_train is not None else []))
@@ -455,8 +465,7 @@ def load_npz(path: Path, limit: int | None = None) -> Dataset:
         return Dataset(path.stem, x, y[:limit] if y.dim() else y, num_classes, source=where)
     x_train = None
     if train:  # uint8 images stay uint8 (float_inputs converts each batch)
-        stored = arrays["x_train"]
-        x_train = torch.from_numpy(stored) if stored.dtype == np.uint8 else _as_float_inputs(stored, where)
+        x_train = _as_stored(arrays["x_train"], where)
     return Dataset(path.stem, x, y, num_classes, x_train, y_train, source=where)
 
 
@@ -519,15 +528,16 @@ TRAIN_FOLDER = "train"
 EVAL_FOLDERS = ("val", "test")
 
 
-def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
+def load_image_folder(path: Path, limit: int | None = None, stored: bool = False) -> Dataset:
     """An image data set: ``train/`` and ``val/`` (or ``test/``) sub-folders, each with one
     sub-folder per class, or one sub-folder per class (evaluation only; ``Dataset.split``
-    makes a seeded training split of it). Images must share one size."""
+    makes a seeded training split of it). Images must share one size. The training images
+    stay uint8, the evaluation images too with ``stored`` (``load_dataset``)."""
     train = path / TRAIN_FOLDER
     evaluation = next((path / name for name in EVAL_FOLDERS if (path / name).is_dir()), None)
     if not train.is_dir() or evaluation is None:
-        return _as_evaluation(_load_class_folders(path, limit))
-    data = _as_evaluation(_load_class_folders(evaluation, limit))
+        return _as_evaluation(_load_class_folders(path, limit), stored)
+    data = _as_evaluation(_load_class_folders(evaluation, limit), stored)
     data.name = path.name
     if limit is None:
         data.source = str(path)
@@ -541,9 +551,10 @@ def load_image_folder(path: Path, limit: int | None = None) -> Dataset:
     return data
 
 
-def _as_evaluation(data: Dataset) -> Dataset:
-    """Evaluation images as floats (what attacks take)."""
-    data.x = float_inputs(data.x)
+def _as_evaluation(data: Dataset, stored: bool) -> Dataset:
+    """Evaluation images as floats (what attacks take), or as stored (uint8) with ``stored``."""
+    if not stored:
+        data.x = float_inputs(data.x)
     return data
 
 
@@ -593,7 +604,7 @@ def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
     return Dataset(path.name, x, y, len(classes), class_names=classes, source=str(path))
 
 
-def load_dataset(ref: str, limit: int | None = None) -> Dataset:
+def load_dataset(ref: str, limit: int | None = None, *, stored: bool = False) -> Dataset:
     """A data set from a path (``.npz``, image folder) or a registered name (``builtin:digits``).
 
     ``builtin:NAME`` and a bare ``NAME`` resolve in the data-set registry (built-in first);
@@ -601,6 +612,10 @@ def load_dataset(ref: str, limit: int | None = None) -> Dataset:
 
     ``limit`` keeps the first ``limit`` evaluation samples and no training split (what an
     audit with ``--limit`` needs); files are then read only as far as those samples.
+
+    ``stored``: uint8 images (an image folder, a uint8 ``x`` in an ``.npz``) stay uint8 in the
+    evaluation split as well, a quarter of float32's memory, for a caller that converts them
+    with ``float_inputs`` where it uses them (harden); attacks take the default, floats.
     """
     from robustkit.plugin.host import get_host
 
@@ -609,11 +624,11 @@ def load_dataset(ref: str, limit: int | None = None) -> Dataset:
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_dir():
-            dataset = load_image_folder(path, limit)
+            dataset = load_image_folder(path, limit, stored)
         elif path.suffix == ".npz":
             if not path.is_file():
                 raise RobustkitError(f"{ref}: not a regular file; give a .npz with x and y, or an image folder")
-            dataset = load_npz(path, limit)
+            dataset = load_npz(path, limit, stored)
         else:
             raise RobustkitError(f"{ref}: unsupported data file; give a .npz with x and y, or an image folder")
     else:
@@ -626,4 +641,4 @@ def load_dataset(ref: str, limit: int | None = None) -> Dataset:
         dataset.x = dataset.x[:limit] if dataset.x.dim() else dataset.x
         dataset.y = dataset.y[:limit] if dataset.y.dim() else dataset.y
         dataset.x_train = dataset.y_train = None
-    return dataset.validate()
+    return dataset.validate(stored=stored)

@@ -6,11 +6,18 @@
 
 The checks run on a small BatchNorm + Dropout network over real digits, so an attack that
 forgets eval mode (dropout noise) or mutates BatchNorm statistics is caught.
+``check_resume_is_exact`` is the matching check for a training defence: Ctrl-C, then
+``--resume``, must end where an uninterrupted run does.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any
+import os
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +25,9 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack
 from robustkit.errors import RobustkitError
 from robustkit.threat import Norm, ThreatModel, per_sample_norm
+
+if TYPE_CHECKING:
+    from robustkit.harden.defences import TrainingDefence
 
 #: Radii used by the contract for each norm, in [0, 1] input units of 1x8x8 digits.
 CONTRACT_EPS = {Norm.LINF: 0.1, Norm.L2: 1.0, Norm.L1: 4.0}
@@ -186,3 +196,49 @@ def assert_close_to_builtin(wrapped: float, builtin: str, kind: str, eps: float,
     ``points`` of robustkit's own ``builtin`` attack with ``params`` on the same model and eps."""
     native, _ = attack_digits(builtin_attack(builtin, **params), kind, eps)
     assert abs(wrapped - native) <= points, (wrapped, native)
+
+
+# -- resume: a hardening run stopped by Ctrl-C and resumed is the run that was never stopped --
+def check_resume_is_exact(
+    train: Callable[[Path, bool], Mapping[str, Tensor]],
+    defence: type[TrainingDefence],
+    interrupt_at: int,
+    folder: Path,
+) -> Mapping[str, Tensor]:
+    """Assert that a hardening run sent SIGINT (Ctrl-C) during its ``interrupt_at``-th training
+    step, then resumed, ends with the very weights, bit for bit, of the same run left alone.
+
+    ``train(out, resume)`` runs the hardening with its output folder ``out`` (``resume``: with
+    ``--resume``) and returns the final weights; it is called for ``folder/"whole"``, then twice
+    for ``folder/"split"``. ``defence``'s ``make_step`` is wrapped for the interrupted run only,
+    so the signal arrives where a user's would: mid-epoch, inside the loop. Returns the
+    uninterrupted run's weights, for the caller's own checks.
+    """
+    from robustkit.harden.loop import TrainingInterrupted
+
+    whole = train(folder / "whole", False)
+    make_step, steps = defence.make_step, [0]
+
+    def interrupted(self: TrainingDefence, ctx: Any) -> Any:
+        inner = make_step(self, ctx)
+
+        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            steps[0] += 1
+            if steps[0] == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return inner(x, y)
+
+        return step
+
+    with mock.patch.object(defence, "make_step", interrupted):
+        try:
+            train(folder / "split", False)
+        except TrainingInterrupted:
+            pass
+        else:
+            raise AssertionError(f"the run ended after {steps[0]} steps without reaching step {interrupt_at}")
+    torch.manual_seed(99)  # resuming must not depend on the caller's global generator
+    resumed = train(folder / "split", True)
+    for key, value in whole.items():
+        assert torch.equal(resumed[key], value), f"resumed weights differ from the uninterrupted run's at {key!r}"
+    return whole

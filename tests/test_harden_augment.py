@@ -4,8 +4,6 @@ and resumed with augmentation ends exactly where an uninterrupted one does."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,7 @@ from robustkit.errors import OptionError
 from robustkit.harden.augment import Augmentation, batch_generator, parse_augmentation
 from robustkit.harden.config import RunConfig
 from robustkit.harden.defences import FGSMRS
-from robustkit.harden.loop import TrainingInterrupted
-from robustkit.harden.step import Step, StepContext
+from robustkit.testing import check_resume_is_exact
 from robustkit.threat import ThreatModel
 
 THREAT = ThreatModel("linf", 0.1)
@@ -102,34 +99,14 @@ def _net() -> nn.Module:
                          nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
 
 
-def test_resume_with_augmentation_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_with_augmentation_is_bit_identical(tmp_path: Path) -> None:
     data = _digits_16()
     settings = {"epochs": 2, "canary_size": 64}
-    whole = FGSMRS(**settings).apply(_net(), data, threat=THREAT, run=RunConfig(out_dir=tmp_path / "w", progress=False))
+
+    def train(out: Path, resume: bool) -> dict[str, Tensor]:
+        run = RunConfig(out_dir=out, resume=resume, progress=False)
+        return FGSMRS(**settings).apply(_net(), data, threat=THREAT, run=run).model.state_dict()
+
+    whole = check_resume_is_exact(train, FGSMRS, 30, tmp_path)  # in epoch 2 (digits: 23 batches an epoch)
     plain = FGSMRS(**settings, augment="none").apply(_net(), data, threat=THREAT, run=RunConfig(progress=False))
-    assert any(not torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
-                                                     plain.model.state_dict().values()))  # it did augment
-
-    broken = FGSMRS(**settings)
-    make_step = broken.make_step
-
-    def sabotaged(ctx: StepContext) -> Step:
-        inner, calls = make_step(ctx), [0]
-
-        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            calls[0] += 1
-            if calls[0] == 30:  # in epoch 2 (digits: 23 batches an epoch)
-                os.kill(os.getpid(), signal.SIGINT)
-            return inner(x, y)
-
-        return step
-
-    monkeypatch.setattr(broken, "make_step", sabotaged)
-    out = tmp_path / "b"
-    with pytest.raises(TrainingInterrupted):
-        broken.apply(_net(), data, threat=THREAT, run=RunConfig(out_dir=out, progress=False))
-    torch.manual_seed(99)  # resuming must not depend on the global generator
-    resumed = FGSMRS(**settings).apply(_net(), data, threat=THREAT,
-                                       run=RunConfig(out_dir=out, resume=True, progress=False))
-    for key, value in whole.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert any(not torch.equal(a, b) for a, b in zip(whole.values(), plain.model.state_dict().values()))  # augmented

@@ -5,8 +5,6 @@ that cannot do it refuse it."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,14 +17,15 @@ from torch import Tensor, nn
 from robustkit.data import Dataset, load_digits
 from robustkit.distributed import DistContext
 from robustkit.errors import ParamsError, RobustkitError
+from robustkit.harden import checkpoint
 from robustkit.harden.api import HardenRequest, resolve_defence
 from robustkit.harden.awp import WeightPerturbation, perturbed_weights
 from robustkit.harden.base import OWN_LOOP, Defence, DefenceResult
 from robustkit.harden.config import RunConfig
 from robustkit.harden.defences import FGSMRS, TRADES
-from robustkit.harden.loop import TrainingInterrupted
-from robustkit.harden.step import Optimization, Step, StepContext, cross_entropy_loss
+from robustkit.harden.step import Optimization, StepContext, cross_entropy_loss
 from robustkit.plugin.hookspecs import hookimpl
+from robustkit.testing import check_resume_is_exact
 from robustkit.threat import ThreatModel
 
 THREAT = ThreatModel("linf", 0.1)
@@ -113,41 +112,42 @@ def _small_digits() -> Dataset:
     return dataclasses.replace(data, x_train=data.x_train[:600], y_train=data.y_train[:600])
 
 
-def test_resume_with_awp_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_with_awp_is_bit_identical(tmp_path: Path) -> None:
     data = _small_digits()  # 540 training samples: 9 batches an epoch
     settings: dict[str, Any] = {"epochs": 2, "canary_size": 32, "canary_steps": 2, "awp_gamma": GAMMA,
                                 "awp_warmup": 1}
-    whole = FGSMRS(**settings).apply(_net(), data, threat=THREAT, run=RunConfig(out_dir=tmp_path / "w", progress=False))
+
+    def train(out: Path, resume: bool) -> dict[str, Tensor]:
+        run = RunConfig(out_dir=out, resume=resume, progress=False)
+        return FGSMRS(**settings).apply(_net(), data, threat=THREAT, run=run).model.state_dict()
+
+    whole = check_resume_is_exact(train, FGSMRS, 13, tmp_path)  # epoch 2, batch 4: after the warm-up
     plain = FGSMRS(**{**settings, "awp_gamma": 0.0}).apply(_net(), data, threat=THREAT, run=RunConfig(progress=False))
-    assert any(not torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
-                                                     plain.model.state_dict().values()))  # AWP did act
-
-    broken = FGSMRS(**settings)
-    make_step = broken.make_step
-
-    def sabotaged(ctx: StepContext) -> Step:
-        inner, calls = make_step(ctx), [0]
-
-        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            calls[0] += 1
-            if calls[0] == 13:  # epoch 2, batch 4: after the warm-up
-                os.kill(os.getpid(), signal.SIGINT)
-            return inner(x, y)
-
-        return step
-
-    monkeypatch.setattr(broken, "make_step", sabotaged)
-    out = tmp_path / "b"
-    with pytest.raises(TrainingInterrupted):
-        broken.apply(_net(), data, threat=THREAT, run=RunConfig(out_dir=out, progress=False))
-    torch.manual_seed(99)
-    resumed = FGSMRS(**settings).apply(_net(), data, threat=THREAT,
-                                       run=RunConfig(out_dir=out, resume=True, progress=False))
-    for key, value in whole.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert any(not torch.equal(a, b) for a, b in zip(whole.values(), plain.model.state_dict().values()))  # AWP acted
     with pytest.raises(RobustkitError, match=r"awp_gamma was 0\.005, now 0\.01"):  # another gamma is another run
         FGSMRS(**{**settings, "awp_gamma": 0.01}).apply(_net(), data, threat=THREAT,
-                                                         run=RunConfig(out_dir=out, resume=True, progress=False))
+                                                         run=RunConfig(out_dir=tmp_path / "split", resume=True,
+                                                                       progress=False))
+
+
+def test_a_checkpoint_older_than_awp_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before AWP (and --val-data) existed has no awp_* settings: it ran
+    without AWP, so it resumes as a run at their defaults, and only as one."""
+    data = _small_digits()
+    settings: dict[str, Any] = {"epochs": 1, "canary_size": 32, "canary_steps": 2}
+    first = FGSMRS(**settings).apply(_net(), data, threat=THREAT, run=RunConfig(out_dir=tmp_path, progress=False))
+    path = tmp_path / checkpoint.FILENAME
+    saved = checkpoint.load(path)
+    for name in ("awp_gamma", "awp_warmup"):
+        del saved["recipe"]["params"][name]
+    del saved["recipe"]["val_sha256"]
+    checkpoint.save(path, {k: v for k, v in saved.items() if k != "format"})
+    resumed = FGSMRS(**settings).apply(_net(), data, threat=THREAT,
+                                       run=RunConfig(out_dir=tmp_path, resume=True, progress=False))
+    assert resumed.history == first.history
+    with pytest.raises(RobustkitError, match=r"awp_gamma was 0\.0, now 0\.005"):
+        FGSMRS(**settings, awp_gamma=GAMMA).apply(_net(), data, threat=THREAT,
+                                                  run=RunConfig(out_dir=tmp_path, resume=True, progress=False))
 
 
 def test_warmup_defaults_and_limits() -> None:

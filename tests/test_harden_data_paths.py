@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,6 +97,37 @@ def test_image_folders_keep_training_images_as_uint8_and_take_a_validation_folde
     many = Dataset("many", digits.x[:4], torch.tensor([0, 1, 2, 11]), 12)
     with pytest.raises(DataError, match="labels up to 11, but the training data has 10 classes"):
         digits.with_validation(many, "many")
+
+
+def test_a_split_folder_and_validation_folder_stay_uint8_until_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder of class folders (harden splits it) and a --val-data folder: the training and the
+    validation images reach the loop as uint8, with the numbers a float load gives; only the
+    evaluation split the audits attack is float."""
+    digits = load_digits()
+    _write_folder(tmp_path / "data", digits.x[:100], digits.y[:100])
+    _write_folder(tmp_path / "val", digits.x[100:130], digits.y[100:130])
+    seen: list[Dataset] = []
+    apply = FGSMRS.apply
+
+    def spy(self: FGSMRS, model: nn.Module, data: Dataset, **kwargs: Any) -> Any:
+        seen.append(data)
+        return apply(self, model, data, **kwargs)
+
+    monkeypatch.setattr(FGSMRS, "apply", spy)
+    result = CliRunner().invoke(cli, ["harden", "builtin:digits-cnn", "--data", str(tmp_path / "data"), "--val-data",
+                                      str(tmp_path / "val"), "--defence", "fgsm-rs", "-o", "epochs", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (data,) = seen
+    assert data.x_train is not None and data.x_val is not None
+    assert data.x_train.dtype == torch.uint8 and data.x_val.dtype == torch.uint8 and data.x.dtype == torch.float32
+    assert len(data.x_train) == 80 and len(data.x) == 20  # the seeded 80/20 split
+    assert torch.equal(float_inputs(data.x_val), load_dataset(str(tmp_path / "val")).x)
+    floats = load_dataset(str(tmp_path / "data")).split(0.2, seed=0)  # the split as a float load makes it
+    assert floats.x_train is not None and torch.equal(float_inputs(data.x_train), floats.x_train)
+    assert torch.equal(data.x, floats.x)
 
 
 def test_cli_val_data_drives_the_canary_and_is_recorded(npz_pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -116,8 +116,9 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
     "--awp",
     type=float,
     metavar="GAMMA",
-    help="Adversarial weight perturbation (Wu et al., 2020) of this size relative to each layer's norm; the paper "
-    "uses 5e-3. It starts after -o awp_warmup epochs (default 0; trades: 10, as in the paper's code).",
+    help="Adversarial weight perturbation (Wu et al., 2020) of this size relative to each layer's norm; the "
+    "authors' code uses 1e-2 for pgd-at, 5e-3 for trades. It starts after -o awp_warmup epochs (default 0; "
+    "trades: 10, as in the paper's code).",
 )
 @click.option("--attack", help="Inner maximiser for pgd-at: any registered attack (default robustkit:pgd).")
 @click.option(

@@ -29,7 +29,7 @@ from robustkit import __version__
 from robustkit.audit.compare import Audit, compare_reports, write_comparison
 from robustkit.audit.engine import NamedAttack, evaluate
 from robustkit.audit.run import AuditConfig, build_report
-from robustkit.data import TRAIN_FOLDER, Dataset, load_dataset
+from robustkit.data import TRAIN_FOLDER, Dataset, float_inputs, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
@@ -289,16 +289,17 @@ def _harden(request: HardenRequest, world: DistContext) -> dict[str, Any]:
     job: dict[str, Any] | None = get_host().first_result("robustkit_harden_job", request=request)
     if job is not None:  # a plugin's job (text, ...) that trains and writes its own outputs
         return job
-    data = load_dataset(request.data)
+    data = load_dataset(request.data, stored=True)  # uint8 images stay uint8 until the training device
     notes: list[str] = []
     if data.x_train is None and Path(request.data).is_dir():  # a folder of class folders: split it, loudly
         data = data.split(SPLIT_FRACTION, seed=0)
         notes.append(f"{request.data} has no {TRAIN_FOLDER}/ and val/ folders: trained on a seeded split "
                      f"({1 - SPLIT_FRACTION:.0%} training, {SPLIT_FRACTION:.0%} held out for the before/after audit)")
         log.warning("%s", notes[-1])
+    data.x = float_inputs(data.x)  # the evaluation split: the before/after audits attack floats
     data.training_split()  # before the model loads and the "before" audit runs
-    if request.val_data is not None:
-        data = data.with_validation(load_dataset(request.val_data), request.val_data)
+    if request.val_data is not None:  # the canary converts its batches on the device
+        data = data.with_validation(load_dataset(request.val_data, stored=True), request.val_data)
     request = apply_recipe(request, data.bounds)
     defence_name, defence = resolve_defence(request)
     threat = resolve_threat(request.threat, request.eps, data.bounds)

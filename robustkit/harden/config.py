@@ -63,7 +63,7 @@ class TrainingParams:
     awp_gamma: float = param(
         0.0,
         "adversarial weight perturbation (--awp; Wu et al., 2020): before each update every weight layer moves "
-        "by this share of its norm against the training loss; 0: off (the paper: 5e-3)",
+        "by this share of its norm against the training loss; 0: off (the authors' code: 1e-2 pgd-at, 5e-3 trades)",
     )
     awp_warmup: int = param(0, "epochs before AWP starts (Wu et al.'s PGD-AT code: 0)")
 

@@ -155,15 +155,19 @@ _RECIPE_KEYS = {
 }
 
 
-def _recipe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+def _recipe_difference(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> str | None:
+    """What makes ``saved`` another run than ``current``, or None. A setting missing from
+    ``saved`` is newer than its checkpoint (awp_gamma in one written before AWP): that run
+    went without it, as at its default, so it counts as ``defaults[key]``."""
     for key, what in _RECIPE_KEYS.items():
         if saved.get(key) != current[key]:
             if key == "precision":
                 return f"--precision was {saved.get(key)}, now {current[key]}"
             return f"{what} differs"
     for key, value in current["params"].items():
-        if saved["params"].get(key) != value:
-            return f"{key} was {saved['params'].get(key)!r}, now {value!r}"
+        before = saved["params"].get(key, defaults[key])
+        if before != value:
+            return f"{key} was {before!r}, now {value!r}"
     return None
 
 
@@ -291,7 +295,8 @@ class Engine:
         if not path.is_file():
             raise RobustkitError(f"--resume: no checkpoint at {path}; run without --resume to start")
         saved = checkpoint.load(path)
-        difference = _recipe_difference(saved["recipe"], self.recipe)
+        defaults = {f.name: f.default for f in dataclasses.fields(self.params)}
+        difference = _recipe_difference(saved["recipe"], self.recipe, defaults)
         if difference:
             raise RobustkitError(
                 f"--resume: the checkpoint in {path.parent} is for another run ({difference}); "

@@ -187,33 +187,17 @@ def test_audit_refuses_a_fractional_budget(trained_model: Path, data_folder: Pat
     assert result.exit_code != 0 and "edit budget k: whole numbers >= 1" in result.output
 
 
-def test_harden_resumes_exactly(fresh_model: Path, data_folder: Path, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from robustkit_text.defences import TextDefence
+def test_harden_resumes_exactly(fresh_model: Path, data_folder: Path, tmp_path: Path) -> None:
+    from robustkit_text.defences import FreeLB
 
     from robustkit import HardenRequest, RunConfig, run_harden
+    from robustkit.testing import check_resume_is_exact
 
-    def request(out: Path, resume: bool = False) -> HardenRequest:
-        return HardenRequest(str(fresh_model), str(data_folder), "text:freelb", eps="0.5",
-                             options={"epochs": 2, "steps": 2},
-                             run=RunConfig(out_dir=out, progress=False, resume=resume))
+    def train(out: Path, resume: bool) -> dict[str, torch.Tensor]:
+        summary = run_harden(HardenRequest(str(fresh_model), str(data_folder), "text:freelb", eps="0.5",
+                                           options={"epochs": 2, "steps": 2},
+                                           run=RunConfig(out_dir=out, progress=False, resume=resume)))
+        assert summary["epochs_run"] == 2 and (out / "model" / "model.safetensors").is_file()
+        return classifier(out / "model").state_dict()
 
-    whole = run_harden(request(tmp_path / "whole"))
-    assert whole["epochs_run"] == 2 and (tmp_path / "whole" / "model" / "model.safetensors").is_file()
-    canary = TextDefence.canary
-    calls = {"n": 0}
-
-    def interrupted(*args: object) -> tuple[float, float]:
-        calls["n"] += 1
-        if calls["n"] == 2:  # in epoch 2, after epoch 1's checkpoint
-            raise KeyboardInterrupt
-        return canary(*args)
-
-    monkeypatch.setattr(TextDefence, "canary", staticmethod(interrupted))
-    with pytest.raises(KeyboardInterrupt):
-        run_harden(request(tmp_path / "split"))
-    monkeypatch.setattr(TextDefence, "canary", staticmethod(canary))
-    resumed = run_harden(request(tmp_path / "split", resume=True))
-    assert resumed["epochs_run"] == 2
-    a, b = classifier(tmp_path / "whole" / "model"), classifier(tmp_path / "split" / "model")
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    check_resume_is_exact(train, FreeLB, 12, tmp_path)  # epoch 2, batch 3 (540 training reviews: 9 batches an epoch)
