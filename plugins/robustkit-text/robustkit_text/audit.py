@@ -44,7 +44,7 @@ from robustkit.params import coerce, param
 from robustkit.threat import Norm, ThreatModel
 from robustkit_text.attacks import CharBug, HotFlip, RandomSubstitution, TextAttackResult, margins
 from robustkit_text.data import load_text_data
-from robustkit_text.embedding import pgd
+from robustkit_text.embedding import pgd, token_norm
 from robustkit_text.model import TextClassifier, as_classifier, encode_data
 from robustkit_text.threat import (
     TextThreat,
@@ -67,7 +67,8 @@ class TextAuditOptions:
     beam: int = param(3, "HotFlip's beam width")
     candidates: int = param(8, "HotFlip's exactly scored flips per beam")
     char_ops: str = param("swap,delete,insert,substitute", "the character attack's operations")
-    embedding_eps: str = param("0.25,0.5,1", "radii of the embedding-space PGD diagnostic ('' skips it)")
+    embedding_eps: str = param("0.25,0.5,1", "radii of the embedding-space PGD diagnostic, in units of the mean "
+                                             "token norm like the defences' --eps ('' skips it)")
     embedding_steps: int = param(10, "steps of the embedding-space PGD diagnostic")
 
 
@@ -266,12 +267,13 @@ def _diagnostic(model: TextClassifier, ids: Tensor, y: Tensor, clean_correct: Te
                 options: TextAuditOptions) -> list[tuple[float, float]]:
     """(radius, accuracy) under embedding-space PGD: a training-time diagnostic, not a threat model."""
     radii = [float(r) for r in options.embedding_eps.split(",") if r.strip()]
+    unit = token_norm(model, ids)
     found = []
     for radius in radii:
         standing = 0
         for start in range(0, len(ids), 256):
             xb, yb = ids[start : start + 256], y[start : start + 256]
-            delta = pgd(model, xb, yb, radius, options.embedding_steps)
+            delta = pgd(model, xb, yb, radius * unit, options.embedding_steps)
             from robustkit_text.model import perturbed
 
             with torch.no_grad(), perturbed(model.embedding, delta):
@@ -291,7 +293,7 @@ def _sections(threat: TextThreat, words: int | None, examples: dict[str, list[tu
     if shown:
         sections.append(Section("Adversarial examples", "\n".join(shown), PLUGIN))
     if diagnostic:
-        table = ["| embedding radius (Frobenius) | accuracy |", "|---|---|"]
+        table = ["| embedding radius (Frobenius, x mean token norm) | accuracy |", "|---|---|"]
         table += [f"| {r:g} | {100 * a:.1f}% |" for r, a in diagnostic]
         sections.append(Section(
             "Embedding-space PGD (training-time diagnostic)",

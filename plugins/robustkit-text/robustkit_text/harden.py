@@ -56,7 +56,7 @@ def _refuse_image_settings(request: HardenRequest) -> None:
     refused = [flag for flag, value in given.items() if value]
     if refused:
         raise RobustkitError(f"{refused[0]} does not apply to text classifiers; text defences train in an l2 ball of "
-                             "the embedding output of radius --eps")
+                             "the embedding output of radius --eps (in mean token norms)")
 
 
 def run_text_harden(request: HardenRequest) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def run_text_harden(request: HardenRequest) -> dict[str, Any]:
     best = [r["epoch"] for r in history if r.get("best")]
     summary = {
         "model": request.model, "data": {**data.describe(), **text.describe()}, "recipe": None, "defence": name,
-        "params": params_dict(defence), "threat": f"embedding l2 (Frobenius), eps {threat.eps:g}",
+        "params": params_dict(defence), "threat": f"embedding l2 (Frobenius), eps {threat.eps:g} x mean token norm",
         "summary_attack": SUMMARY_ATTACK, "before": before, "after": after, "epochs_run": len(history),
         "best_epoch": best[-1] if best else None, "stop_reason": history[-1].get("stop") if history else None,
         "overfit_epochs": [r["epoch"] for r in history if r.get("overfit")], "notes": notes + result.notes,
