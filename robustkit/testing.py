@@ -204,6 +204,9 @@ def check_resume_is_exact(
     defence: type[TrainingDefence],
     interrupt_at: int,
     folder: Path,
+    *,
+    crash: bool = False,
+    between: Callable[[Path], None] | None = None,
 ) -> Mapping[str, Tensor]:
     """Assert that a hardening run sent SIGINT (Ctrl-C) during its ``interrupt_at``-th training
     step, then resumed, ends with the very weights, bit for bit, of the same run left alone.
@@ -211,8 +214,10 @@ def check_resume_is_exact(
     ``train(out, resume)`` runs the hardening with its output folder ``out`` (``resume``: with
     ``--resume``) and returns the final weights; it is called for ``folder/"whole"``, then twice
     for ``folder/"split"``. ``defence``'s ``make_step`` is wrapped for the interrupted run only,
-    so the signal arrives where a user's would: mid-epoch, inside the loop. Returns the
-    uninterrupted run's weights, for the caller's own checks.
+    so the signal arrives where a user's would: mid-epoch, inside the loop. ``crash``: the step
+    raises ``RuntimeError`` instead (a crash keeps only the last epoch's checkpoint).
+    ``between(folder/"split")`` runs after the interruption, before the resume (to inspect the
+    checkpoint). Returns the uninterrupted run's weights, for the caller's own checks.
     """
     from robustkit.harden.loop import TrainingInterrupted
 
@@ -224,19 +229,24 @@ def check_resume_is_exact(
 
         def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             steps[0] += 1
+            if steps[0] == interrupt_at and crash:
+                raise RuntimeError("simulated crash")
             if steps[0] == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
             return inner(x, y)
 
         return step
 
+    expected: type[BaseException] = RuntimeError if crash else TrainingInterrupted
     with mock.patch.object(defence, "make_step", interrupted):
         try:
             train(folder / "split", False)
-        except TrainingInterrupted:
+        except expected:
             pass
         else:
             raise AssertionError(f"the run ended after {steps[0]} steps without reaching step {interrupt_at}")
+    if between is not None:
+        between(folder / "split")
     torch.manual_seed(99)  # resuming must not depend on the caller's global generator
     resumed = train(folder / "split", True)
     for key, value in whole.items():

@@ -7,9 +7,7 @@ training, or the uninterrupted run), never against a hard-coded result.
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,10 @@ from robustkit.harden.batches import Batches, validation_split
 from robustkit.harden.canary import RunState, canary, judge_epoch
 from robustkit.harden.config import RunConfig, TrainingParams
 from robustkit.harden.defences import ATTA, FGSMRS, PGDAT, TRADES, Free, Standard, TrainingDefence
-from robustkit.harden.loop import TrainingInterrupted, lr_factor
+from robustkit.harden.loop import lr_factor
 from robustkit.harden.step import Step, StepContext
 from robustkit.models.zoo import digits_cnn
-from robustkit.testing import trained_digits_model
+from robustkit.testing import check_resume_is_exact, trained_digits_model
 from robustkit.threat import Norm, ThreatModel
 
 EPS = 0.2
@@ -142,69 +140,36 @@ def test_any_registered_attack_is_the_inner_maximiser(host: Any, digits: Dataset
 
 
 # -- resume ----------------------------------------------------------------------------------
-class _Sabotaged:
-    """Wraps a defence's step: at batch ``at`` send SIGINT to this process (as Ctrl-C does),
-    or raise as a crash would."""
-
-    def __init__(self, defence: TrainingDefence, at: int, how: str) -> None:
-        self.defence, self.at, self.how = defence, at, how
-
-    def make_step(self, ctx: StepContext) -> Step:
-        inner = self.defence.make_step(ctx)
-        calls = 0
-
-        def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            nonlocal calls
-            calls += 1
-            if calls == self.at and self.how == "crash":
-                raise RuntimeError("simulated crash")
-            if calls == self.at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return inner(x, y)
-
-        return step
-
-
 @pytest.mark.parametrize(
-    ("make", "how"),
+    ("make", "crash"),
     [
-        (lambda: FGSMRS(epochs=2), "sigint"),
-        (lambda: Free(epochs=4, replays=2), "crash"),
-        (lambda: ATTA(epochs=3), "sigint"),  # per-sample perturbations carried through the checkpoint
+        (lambda: FGSMRS(epochs=2), False),
+        (lambda: Free(epochs=4, replays=2), True),
+        (lambda: ATTA(epochs=3), False),  # per-sample perturbations carried through the checkpoint
     ],
 )
 def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(
-    make: Any, how: str, digits: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make: Any, crash: bool, digits: Dataset, tmp_path: Path
 ) -> None:
-    whole = make().apply(
-        fresh_model(),
-        digits,
-        threat=THREAT,
-        run=RunConfig(out_dir=tmp_path / "whole", progress=False),
-    )
+    histories: dict[Path, list[dict[str, Any]]] = {}
 
-    broken = make()
-    at = batches_per_epoch(digits) + 5  # mid-epoch 2: Ctrl-C saves that batch; a crash loses the epoch's progress
-    monkeypatch.setattr(broken, "make_step", _Sabotaged(make(), at, how).make_step)
-    out = tmp_path / "broken"
-    expected = TrainingInterrupted if how == "sigint" else RuntimeError
-    with pytest.raises(expected):
-        broken.apply(fresh_model(), digits, threat=THREAT, run=RunConfig(out_dir=out, progress=False))
-    saved = checkpoint.load(out / checkpoint.FILENAME)
-    assert (saved["epoch"], saved["batch"]) == ((1, 5) if how == "sigint" else (1, 0))
+    def train(out: Path, resume: bool) -> dict[str, Tensor]:
+        random.seed(123), np.random.seed(123)  # resume must not depend on these (torch's: the helper)
+        result = make().apply(fresh_model(), digits, threat=THREAT,  # the same MODEL: another start is refused
+                              run=RunConfig(out_dir=out, resume=resume, progress=False))
+        histories[out] = result.history
+        return result.model.state_dict()
 
-    random.seed(123), np.random.seed(123), torch.manual_seed(123)  # resume must not depend on these
-    resumed = make().apply(
-        fresh_model(),  # the same MODEL: another start is another run (refused)
-        digits,
-        threat=THREAT,
-        run=RunConfig(out_dir=out, resume=True, progress=False),
-    )
-    for key, value in whole.model.state_dict().items():
-        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6)
-    assert [r["val_robust"] for r in resumed.history] == [r["val_robust"] for r in whole.history]
-    log_lines = (out / "train_log.jsonl").read_text().splitlines()
-    assert len(log_lines) == len(whole.history)  # no epoch logged twice
+    def saved_position(out: Path) -> None:  # Ctrl-C saves the batch it stopped at; a crash loses the epoch's progress
+        saved = checkpoint.load(out / checkpoint.FILENAME)
+        assert (saved["epoch"], saved["batch"]) == ((1, 0) if crash else (1, 5))
+
+    at = batches_per_epoch(digits) + 5  # mid-epoch 2
+    check_resume_is_exact(train, type(make()), at, tmp_path, crash=crash, between=saved_position)
+    whole, resumed = histories[tmp_path / "whole"], histories[tmp_path / "split"]
+    assert [r["val_robust"] for r in resumed] == [r["val_robust"] for r in whole]
+    log_lines = (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()
+    assert len(log_lines) == len(whole)  # no epoch logged twice
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(digits: Dataset, tmp_path: Path) -> None:
