@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +36,7 @@ from robustkit.audit.report import (
     accuracy_ci,
     write_report,
 )
-from robustkit.audit.suites import get_suite
+from robustkit.audit.suites import Suite, get_suite
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.environment import environment
@@ -119,17 +119,22 @@ def _fields(attack_cls: type[Attack]) -> set[str]:
 
 
 def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
+    """``plan_suite``'s attacks."""
+    return plan_suite(config, white_box)[0]
+
+
+def plan_suite(config: AuditConfig, white_box: bool) -> tuple[list[NamedAttack], str | None]:
     """Resolve the attacks (``--attack``, else the named suite), apply options, and order them
-    cheapest first (gradient-free last)."""
+    cheapest first (gradient-free last); with ``left_out_note`` for a named suite."""
     registry = get_host().attacks
     entries: list[tuple[Entry[Any], dict[str, Any]]]
+    note = None
     if config.attacks:
         entries = [(registry.resolve(name), {}) for name in config.attacks]
     else:
         spec = get_suite(config.suite)
         entries = [(registry.resolve(a.name), dict(a.settings)) for a in spec.attacks]
-        if (note := left_out_note(config)) is not None:
-            log.warning("%s", note)
+        note = left_out_note(spec, [e for e, _ in entries], config.norm)
         entries = [(e, s) for e, s in entries if config.norm in e.obj.norms]
     if not white_box:
         refused = [e.qualified_name for e, _ in entries if e.obj.needs_gradients]
@@ -156,27 +161,37 @@ def build_suite(config: AuditConfig, white_box: bool) -> list[NamedAttack]:
         attack = entry.obj(coerce(entry.obj.Params, settings, owner=entry.qualified_name))
         suite.append(NamedAttack(entry.qualified_name, attack))
     # Cheap first; gradient-free attacks last, so they run on what the gradients left standing.
-    return sorted(suite, key=lambda a: (not a.attack.needs_gradients, 0 if "fgsm" in a.name else 1))
+    return sorted(suite, key=lambda a: (not a.attack.needs_gradients, 0 if "fgsm" in a.name else 1)), note
 
 
-def left_out_note(config: AuditConfig) -> str | None:
-    """What a named suite could not run under ``config.norm`` (a weaker audit than its name
-    promises: said on the terminal and in the report's notes), or None."""
-    if config.attacks:
-        return None
-    spec = get_suite(config.suite)
-    registry = get_host().attacks
-    left_out = [a.name for a in spec.attacks if config.norm not in registry.resolve(a.name).obj.norms]
+def left_out_note(spec: Suite, entries: Sequence[Entry[Any]], norm: Norm) -> str | None:
+    """What the suite ``spec`` (its attacks resolved as ``entries``) could not run under ``norm``
+    (a weaker audit than its name promises: said on the terminal and in the report's notes), or None."""
+    left_out = [a.name for a, entry in zip(spec.attacks, entries) if norm not in entry.obj.norms]
     if not left_out:
         return None
-    return (f"suite {spec.name}: {', '.join(left_out)} do not support {config.norm.value} and were not run; "
+    return (f"suite {spec.name}: {', '.join(left_out)} do not support {norm.value} and were not run; "
             f"the worst case is over the others only")
 
 
 def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evaluation: Evaluation,
-                 found_checks: Sequence[checks.Check], suite: list[NamedAttack], started: float) -> AuditReport:
-    """The report of ``evaluation`` and ``found_checks``, without plugin sections (they are given
-    this report to read; ``_run_audit`` adds what they return)."""
+                 found_checks: Sequence[checks.Check], suite: list[NamedAttack], started: float,
+                 notes: Sequence[str] = ()) -> AuditReport:
+    """The image audit's ``assemble_report``, without plugin sections (they are given this
+    report to read; ``_run_audit`` adds what they return)."""
+    return assemble_report(config, loaded, evaluation, found_checks, started, norm=config.norm.value,
+                           bounds=data.bounds, data=data.describe(), suite=_suite_description(config),
+                           attacks={a.name: a.attack.needs_gradients for a in suite}, notes=notes)
+
+
+def assemble_report(config: AuditConfig, loaded: LoadedModel, evaluation: Evaluation,
+                    found_checks: Sequence[checks.Check], started: float, *, norm: str, bounds: tuple[float, float],
+                    data: Mapping[str, Any], suite: SuiteRecord, attacks: Mapping[str, bool],
+                    notes: Sequence[str] = (), sections: Sequence[Section] = ()) -> AuditReport:
+    """The report of ``evaluation`` and ``found_checks``, for every kind of audit (image, a
+    plugin's text audit), so that their reports cannot drift apart. ``attacks``: the attacks
+    of the audit in the order they ran, each with whether it needs gradients; ``norm`` the
+    report's name for what eps measures ("edits" for text); ``data`` the data's description."""
     n = evaluation.n
     clean = evaluation.clean_accuracy
     return AuditReport(
@@ -186,29 +201,29 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
         n=n,
         clean_accuracy=clean,
         clean_ci95=accuracy_ci(clean, n),
-        threat=Threat(config.norm.value, tuple(evaluation.eps), data.bounds, targeted=False),
+        threat=Threat(norm, tuple(evaluation.eps), bounds, targeted=False),
         mode=config.mode,
         attack_access="white-box (gradients)" if loaded.white_box else "black-box (scores only)",
-        results=result_rows(config, evaluation, suite),
-        worst_case=worst_case_rows(config, evaluation),
+        results=result_rows(norm, evaluation, list(attacks.values())),
+        worst_case=worst_case_rows(norm, evaluation),
         certification=Certification(evaluation.certification, round(sum(evaluation.certify_seconds.values()), 4)),
         checks=tuple(found_checks),
-        notes=tuple(note for note in [left_out_note(config)] if note is not None)
-        + tuple(note for outcome in evaluation.outcomes for note in outcome.notes),
+        notes=tuple(notes) + tuple(note for outcome in evaluation.outcomes for note in outcome.notes),
         model=loaded.describe(),
-        data={**data.describe(), "limit": config.limit},
+        data={**data, "limit": config.limit},
         environment=environment(config.load.device),
-        config=ReportConfig(suite=_suite_description(config), attacks=tuple(a.name for a in suite),
-                            batch_size=config.batch_size, seed=config.seed, precision=config.precision,
-                            check_samples=config.check_samples),
+        config=ReportConfig(suite=suite, attacks=tuple(attacks), batch_size=config.batch_size, seed=config.seed,
+                            precision=config.precision, check_samples=config.check_samples),
+        sections=tuple(sections),
     )
 
 
-def result_rows(config: AuditConfig, evaluation: Evaluation, suite: list[NamedAttack]) -> tuple[ResultRow, ...]:
-    """A row per (attack, eps) that was computed (an interruption leaves some out)."""
+def result_rows(norm: str, evaluation: Evaluation, gradients: Sequence[bool]) -> tuple[ResultRow, ...]:
+    """A row per (attack, eps) that was computed (an interruption leaves some out); ``gradients``:
+    whether each attack of ``evaluation.outcomes`` needs them."""
     rows = []
-    cascade = config.mode == "cascade"
-    for index, (named, outcome) in enumerate(zip(suite, evaluation.outcomes)):
+    cascade = evaluation.cascade
+    for index, (needs_gradients, outcome) in enumerate(zip(gradients, evaluation.outcomes)):
         for eps in evaluation.eps:
             if eps not in outcome.seconds:
                 continue  # not reached before an interruption
@@ -219,25 +234,52 @@ def result_rows(config: AuditConfig, evaluation: Evaluation, suite: list[NamedAt
                 acc = float((stacked > eps).float().mean())
             else:
                 acc = evaluation.robust_accuracy(outcome, eps)
-            rows.append(ResultRow(attack=outcome.name, norm=config.norm.value, eps=eps, robust_accuracy=acc,
+            rows.append(ResultRow(attack=outcome.name, norm=norm, eps=eps, robust_accuracy=acc,
                                   ci95=accuracy_ci(acc, evaluation.n), seconds=round(outcome.seconds[eps], 4),
                                   attacked=outcome.attacked[eps], skipped=outcome.skipped.get(eps, 0),
-                                  gradients=named.attack.needs_gradients,
+                                  gradients=needs_gradients,
                                   scope="cumulative" if cascade else "single attack", params=outcome.params))
     return tuple(rows)
 
 
-def worst_case_rows(config: AuditConfig, evaluation: Evaluation) -> tuple[WorstCaseRow, ...]:
+def worst_case_rows(norm: str, evaluation: Evaluation) -> tuple[WorstCaseRow, ...]:
     """The worst case over the attacks at each eps that every attack completed."""
     completed = [e for e in evaluation.eps if all(e in o.seconds for o in evaluation.outcomes)]
     rows = []
     for eps in completed:
         worst = evaluation.worst_case(eps)
         certified, certified_ci95 = _certified(evaluation, eps)
-        rows.append(WorstCaseRow(norm=config.norm.value, eps=eps, robust_accuracy=worst,
+        rows.append(WorstCaseRow(norm=norm, eps=eps, robust_accuracy=worst,
                                  ci95=accuracy_ci(worst, evaluation.n), certified_accuracy=certified,
                                  certified_ci95=certified_ci95))
     return tuple(rows)
+
+
+def partial_saver(out: Path | None, build: Callable[[Evaluation], AuditReport]) -> Callable[[Evaluation], None]:
+    """An ``on_result`` for an audit that writes to ``out`` (None: it writes nothing): the report
+    ``build`` makes of the evaluation so far, marked incomplete, as report.json (one atomic set),
+    so that Ctrl-C or a crash leaves a valid partial report."""
+    def save(evaluation: Evaluation) -> None:
+        if out is not None:
+            write_report(build(dataclasses.replace(evaluation, interrupted=True)), out, render=False)
+    return save
+
+
+def sanity_checks(config: AuditConfig, evaluation: Evaluation,
+                  run: Callable[[], list[checks.Check]]) -> tuple[Evaluation, list[checks.Check]]:
+    """What ``run`` finds, when the checks are wanted and there are finished attacks to check;
+    else why they are missing. A Ctrl-C during them keeps the results, marked interrupted."""
+    if not config.run_checks:
+        return evaluation, [checks.Check("sanity checks", "untested",
+                                         "skipped (--no-checks): gradient masking was not looked for")]
+    if evaluation.interrupted or not evaluation.outcomes:
+        return evaluation, []
+    try:
+        return evaluation, run()
+    except KeyboardInterrupt:  # the results stand; the report says the checks are missing
+        return dataclasses.replace(evaluation, interrupted=True), [checks.Check(
+            "sanity checks", "untested", "interrupted (Ctrl-C) before the sanity checks finished: none of them ran "
+            "to the end, so gradient masking was not looked for")]
 
 
 def _suite_description(config: AuditConfig) -> SuiteRecord:
@@ -360,16 +402,15 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
     data.validate(output_check.num_classes)
     eps_list = config.eps or default_eps(config.norm, data.bounds)
     threats = [ThreatModel(config.norm, e, data.bounds) for e in eps_list]
-    suite = build_suite(config, loaded.white_box)
+    suite, left_out = plan_suite(config, loaded.white_box)
+    if left_out is not None:
+        log.warning("%s", left_out)
+    notes = [left_out] if left_out is not None else []
     if not suite:
         raise RobustkitError("no attack in the suite can attack this model; name one with --attack")
     writes_files = config.out is not None and dist_ctx.is_main
-
-    def save_partial(evaluation: Evaluation) -> None:
-        if writes_files:
-            assert config.out is not None
-            so_far = dataclasses.replace(evaluation, interrupted=True)  # marked incomplete
-            write_report(build_report(config, loaded, data, so_far, [], suite, started), config.out, render=False)
+    save_partial = partial_saver(config.out if writes_files else None,
+                                 lambda so_far: build_report(config, loaded, data, so_far, [], suite, started, notes))
 
     # a named suite may take the gradient-free shortcut (it says so); --attack lists run in full
     shortcut = not config.attacks and get_suite(config.suite).gradient_free_shortcut
@@ -391,20 +432,17 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
         found.append(checks.Check("attacks completed", "fail",
                                   f"{'; '.join(failed)}: left out after failing, the weights restored; the worst "
                                   "case is over the other attacks only"))
-    if not evaluation.interrupted and config.run_checks and dist_ctx.is_main and evaluation.outcomes:
-        worst = [row.to_json_dict() for row in worst_case_rows(config, evaluation)]
-        try:
-            found += run_checks(config, loaded.model, data, evaluation, suite, output_check, worst,
-                                output_check.num_classes)
-        except KeyboardInterrupt:  # the results stand; the report says the checks are missing
-            evaluation = dataclasses.replace(evaluation, interrupted=True)
-            found.append(checks.Check("sanity checks", "untested",
-                                      "interrupted (Ctrl-C) before the sanity checks finished: none of them ran "
-                                      "to the end, so gradient masking was not looked for"))
-    elif not config.run_checks:
-        found.append(checks.Check("sanity checks", "untested",
-                                  "skipped (--no-checks): gradient masking was not looked for"))
-    report = build_report(config, loaded, data, evaluation, found, suite, started)
+
+    def checks_found() -> list[checks.Check]:
+        if not dist_ctx.is_main:
+            return []
+        worst = [row.to_json_dict() for row in worst_case_rows(config.norm.value, evaluation)]
+        return run_checks(config, loaded.model, data, evaluation, suite, output_check, worst,
+                          output_check.num_classes)
+
+    evaluation, more = sanity_checks(config, evaluation, checks_found)
+    found += more
+    report = build_report(config, loaded, data, evaluation, found, suite, started, notes)
     report = _with_sections(report, started)
     if writes_files:
         assert config.out is not None

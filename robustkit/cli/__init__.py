@@ -144,6 +144,8 @@ def describe_entry(entry: Any) -> dict[str, Any]:
             info[key] = bool(getattr(obj, attr))
     if hasattr(obj, "kind") and isinstance(getattr(obj, "kind", None), str):
         info["kind"] = obj.kind
+    elif entry.kind == "dataset":  # a data-set factory makes robustkit's image Dataset unless it says otherwise
+        info["kind"] = "image"
     if hasattr(obj, "suffix"):
         info["suffix"] = obj.suffix
     return info

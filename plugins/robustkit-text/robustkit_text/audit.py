@@ -8,14 +8,18 @@ as broken at every larger k (the cascade). In ``--mode cascade`` a later attack 
 sample, only the budget below what the earlier ones needed. Every adversarial text is checked
 before it counts: re-tokenised from the string and classified again, its edits counted
 (token positions changed, or the character edit distance) against the budget.
+
+The report is robustkit's (``assemble_report``, as for image audits), and so is its handling
+of interruptions: a partial report.json is written after each attack, and a Ctrl-C keeps what
+finished, marked incomplete.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -23,22 +27,18 @@ from torch import Tensor
 
 from robustkit.audit import checks
 from robustkit.audit.engine import NEVER, AttackOutcome, Evaluation
-from robustkit.audit.report import (
-    AuditReport,
-    Certification,
-    ReportConfig,
-    ResultRow,
-    Section,
-    SuiteAttackRecord,
-    SuiteRecord,
-    Threat,
-    WorstCaseRow,
-    accuracy_ci,
+from robustkit.audit.report import AuditReport, Section, SuiteAttackRecord, SuiteRecord
+from robustkit.audit.run import (
+    AuditConfig,
+    assemble_report,
+    partial_saver,
+    per_sample_rows,
+    sanity_checks,
+    worst_case_rows,
 )
-from robustkit.audit.run import AuditConfig, per_sample_rows
-from robustkit.environment import environment
+from robustkit.distributed import init_distributed
 from robustkit.errors import OptionError
-from robustkit.models.loading import check_model_output, load_model
+from robustkit.models.loading import check_model_output
 from robustkit.modules import predict_logits
 from robustkit.params import coerce, param
 from robustkit.threat import Norm, ThreatModel
@@ -46,6 +46,7 @@ from robustkit_text.attacks import CharBug, HotFlip, RandomSubstitution, TextAtt
 from robustkit_text.data import load_text_data
 from robustkit_text.embedding import pgd, token_norm
 from robustkit_text.model import TextClassifier, as_classifier, encode_data
+from robustkit_text.quiet import load_quietly
 from robustkit_text.threat import (
     TextThreat,
     allowed_matrix,
@@ -85,7 +86,7 @@ def run_text_audit(config: AuditConfig) -> tuple[AuditReport, list[dict[str, Any
     options = coerce(TextAuditOptions, dict(config.options), owner="text audit")
     budgets = parse_budgets(config.eps)
     text = load_text_data(config.data, limit=config.limit)
-    loaded = load_model(config.model, config.load)
+    loaded, warned = load_quietly(config.model, config.load)
     model = as_classifier(loaded, config.model)
     data = encode_data(model, text)
     y = data.y
@@ -103,62 +104,67 @@ def run_text_audit(config: AuditConfig) -> tuple[AuditReport, list[dict[str, Any
         "hotflip": HotFlip(beam=options.beam, candidates=options.candidates, allowed=allowed),
         "charbug": CharBug(char_ops=options.char_ops, seed=config.seed),
     }
-    outcomes, examples = [], {}
-    worst = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
-    top = float(max(budgets))
-    for name in names:
-        # cascade: only the edits below what earlier attacks needed; per-attack: the full budget
-        limit = worst if config.mode == "cascade" else torch.where(clean_correct, torch.tensor(NEVER), 0.0)
-        own = (limit.clamp(max=top + 1) - 1).clamp(min=0).long() if config.mode == "cascade" else (
-            clean_correct.long() * int(top))
-        result = _run(name, attacks[name], model, data.x, y, text.texts, own)
-        broken_at, rejected = _validated(name, model, data.x, text.texts, y, result)
-        broken_at = torch.where(clean_correct, broken_at, torch.tensor(0.0))
-        outcome = AttackOutcome(f"text:{name}", _params(attacks[name]), broken_at.float(),
-                                seconds={float(k): result.seconds / len(budgets) for k in budgets},
-                                attacked={float(k): int((own >= k).sum()) for k in budgets}, rejected=rejected)
-        outcomes.append(outcome)
-        worst = torch.minimum(worst, broken_at)
-        examples[name] = [(text.texts[i], result.adversarial[i], int(broken_at[i]))
-                          for i in range(len(text.texts)) if 0 < broken_at[i] < NEVER][:3]
+    # every attack's outcome from the start, as robustkit's engine makes them: one not run yet has
+    # no eps done, so a partial report's worst case covers only what every attack finished
+    unbroken = torch.where(clean_correct, torch.tensor(NEVER), torch.tensor(0.0))
+    outcomes = [AttackOutcome(f"text:{n}", _params(attacks[n]), unbroken.clone()) for n in names]
     carriers = [ThreatModel(Norm.L1, float(k)) for k in budgets]  # an edit count carried where eps goes
-    evaluation = Evaluation(carriers, clean_correct, outcomes, config.mode == "cascade")
-    found = [chance]
-    if config.run_checks and outcomes:
-        found += _checks(config, model, data.x, y, evaluation, budgets, attacks, allowed, output_check)
-    report = AuditReport(
-        complete=True,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        seconds=round(time.perf_counter() - started, 2),
-        n=evaluation.n,
-        clean_accuracy=evaluation.clean_accuracy,
-        clean_ci95=accuracy_ci(evaluation.clean_accuracy, evaluation.n),
-        threat=Threat("edits", tuple(float(k) for k in budgets), (0.0, 1.0)),
-        mode=config.mode,
-        attack_access="white-box (gradients)",  # a Hugging Face module; text:charbug uses its scores only
-        results=_rows(evaluation, config.mode == "cascade", [attacks[n] for n in names]),
-        worst_case=tuple(WorstCaseRow("edits", float(k), evaluation.worst_case(k), accuracy_ci(evaluation.worst_case(k),
-                                                                                                 evaluation.n))
-                         for k in budgets),
-        certification=Certification("off (no certificates for text)", 0.0),
-        checks=tuple(found),
-        model=loaded.describe(),
-        data={**data.describe(), **text.describe(), "limit": config.limit},
-        environment=environment(config.load.device),
-        config=ReportConfig(
-            suite=SuiteRecord("text", "discrete text attacks: token substitution and character edits", "",
-                              tuple(SuiteAttackRecord(f"text:{n}", _params(attacks[n])) for n in names),
-                              {"threat_model": threat.describe(words)}),
-            attacks=tuple(f"text:{n}" for n in names), batch_size=config.batch_size, seed=config.seed,
-            precision=config.precision, check_samples=config.check_samples),
-        sections=_sections(threat, words, examples, _diagnostic(model, data.x, y, clean_correct, options)),
-    )
-    return report, per_sample_rows(data, evaluation)
+    evaluation = Evaluation(carriers, clean_correct, outcomes, config.mode == "cascade",
+                            certification="off (no certificates for text)")
+    suite = SuiteRecord("text", "discrete text attacks: token substitution and character edits", "",
+                        tuple(SuiteAttackRecord(f"text:{n}", _params(attacks[n])) for n in names),
+                        {"threat_model": threat.describe(words)})
+
+    def report(evaluation: Evaluation, found: Sequence[checks.Check], sections: Sequence[Section] = ()) -> AuditReport:
+        return assemble_report(config, loaded, evaluation, found, started, norm="edits", bounds=(0.0, 1.0),
+                               data={**data.describe(), **text.describe()}, suite=suite,
+                               attacks={f"text:{n}": attacks[n].needs_gradients for n in names}, notes=warned,
+                               sections=sections)
+
+    writes = config.out if init_distributed(config.load.device).is_main else None  # rank 0 writes, as robustkit's
+    examples = _attack(config, model, data.x, y, text.texts, evaluation, {n: attacks[n] for n in names},
+                       partial_saver(writes, lambda so_far: report(so_far, [])))
+    evaluation, found = sanity_checks(config, evaluation, lambda: _checks(config, model, data.x, y, evaluation,
+                                                                           budgets, attacks, allowed, output_check))
+    try:
+        diagnostic = [] if evaluation.interrupted else _diagnostic(model, data.x, y, clean_correct, options)
+    except KeyboardInterrupt:  # the attacks' results stand; the report goes without the diagnostic
+        evaluation, diagnostic = dataclasses.replace(evaluation, interrupted=True), []
+    return (report(evaluation, [chance, *found], _sections(threat, words, examples, diagnostic)),
+            per_sample_rows(data, evaluation))
+
+
+def _attack(config: AuditConfig, model: TextClassifier, ids: Tensor, y: Tensor, texts: Sequence[str],
+            evaluation: Evaluation, attacks: dict[str, Any], save_partial: Callable[[Evaluation], None]
+            ) -> dict[str, list[tuple[str, str | None, int]]]:
+    """Run ``attacks`` in order into ``evaluation``'s outcomes, saving the partial report after
+    each; a Ctrl-C stops them and marks ``evaluation`` interrupted. Returns a few examples of each."""
+    budgets = [int(k) for k in evaluation.eps]
+    top = max(budgets)
+    cascade = config.mode == "cascade"
+    examples = {}
+    try:
+        for position, (name, attack) in enumerate(attacks.items()):
+            # cascade: only the edits below what earlier attacks needed; per-attack: the full budget
+            own = ((evaluation.worst_broken_at().clamp(max=top + 1) - 1).clamp(min=0).long() if cascade
+                   else evaluation.clean_correct.long() * top)
+            result = _run(name, attack, model, ids, y, texts, own)
+            broken_at, rejected = _validated(name, model, ids, texts, y, result)
+            broken_at = torch.where(evaluation.clean_correct, broken_at, torch.tensor(0.0))
+            outcome = evaluation.outcomes[position]
+            evaluation.outcomes[position] = dataclasses.replace(
+                outcome, broken_at=broken_at.float(), rejected=rejected,
+                seconds={float(k): result.seconds / len(budgets) for k in budgets},
+                attacked={float(k): int((own >= k).sum()) for k in budgets})
+            examples[name] = [(texts[i], result.adversarial[i], int(broken_at[i]))
+                              for i in range(len(texts)) if 0 < broken_at[i] < NEVER][:3]
+            save_partial(evaluation)
+    except KeyboardInterrupt:  # what finished stands; the report says the audit was interrupted
+        evaluation.interrupted = True
+    return examples
 
 
 def _params(attack: Any) -> dict[str, Any]:
-    import dataclasses
-
     return dataclasses.asdict(attack.params)
 
 
@@ -189,23 +195,11 @@ def _validated(name: str, model: TextClassifier, ids: Tensor, texts: Sequence[st
     return broken_at, int((~ok).sum())
 
 
-def _rows(evaluation: Evaluation, cascade: bool, attacks: list[Any]) -> tuple[ResultRow, ...]:
-    rows = []
-    for index, (outcome, attack) in enumerate(zip(evaluation.outcomes, attacks)):
-        stacked = torch.stack([o.broken_at for o in evaluation.outcomes[: index + 1]]).min(0).values
-        for k in evaluation.eps:
-            accuracy = float(((stacked if cascade else outcome.broken_at) > k).float().mean())
-            rows.append(ResultRow(outcome.name, "edits", k, accuracy, accuracy_ci(accuracy, evaluation.n),
-                                  round(outcome.seconds[k], 4), outcome.attacked[k], attack.needs_gradients,
-                                  "cumulative" if cascade else "single attack", outcome.params))
-    return tuple(rows)
-
-
 def _checks(config: AuditConfig, model: TextClassifier, ids: Tensor, y: Tensor, evaluation: Evaluation,
             budgets: tuple[int, ...], attacks: dict[str, Any], allowed: Tensor | None,
             output_check: Any) -> list[checks.Check]:
     x_sub, y_sub = checks.clean_subset(model, ids, y, config.check_samples, config.seed)
-    worst = [{"ci95": list(accuracy_ci(evaluation.worst_case(k), evaluation.n))} for k in budgets]
+    worst = [row.to_json_dict() for row in worst_case_rows("edits", evaluation)]
     found = [checks.determinism(model, ids), checks.outputs(output_check), _gradients(model, x_sub, y_sub),
              checks.validity(evaluation), checks.confidence(evaluation, worst)]
     if len(x_sub) and "text:hotflip" in [o.name for o in evaluation.outcomes]:

@@ -9,11 +9,12 @@ Files are untrusted input: their size is held to robustkit's array cap before th
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 from urllib.parse import parse_qsl
 
 from robustkit.data import over_limit
@@ -21,6 +22,7 @@ from robustkit.errors import DataError
 
 SUFFIXES = (".csv", ".jsonl")
 SYNTHETIC = "text:sentiment"
+SYNTHETIC_CLASSES = ("negative", "positive")  #: label 0, label 1
 EVAL_NAMES = ("test", "val")
 
 
@@ -47,6 +49,28 @@ class TextDataset:
         return {"name": self.name, "source": self.source or self.name, "n_eval": len(self.texts),
                 "n_train": len(self.train_texts or []), "num_classes": self.num_classes,
                 "columns": {"text": self.columns.text, "label": self.columns.label}}
+
+
+class SyntheticEntry:
+    """``text:sentiment`` in robustkit's data-set registry, so that ``robustkit datasets list``
+    shows it. That registry's factories make image data sets; this is text, which the text jobs
+    read by name before robustkit's loader is asked, so called as a factory it refuses in one line."""
+
+    name: ClassVar[str] = SYNTHETIC.partition(":")[2]
+    kind: ClassVar[str] = "text"
+
+    @property
+    def summary(self) -> str:
+        from robustkit_text.synthetic import generate
+
+        sizes = inspect.signature(generate).parameters  # the sizes text:sentiment is made with
+        return (f"synthetic template reviews: {sizes['n_train'].default:,} training, {sizes['n_eval'].default:,} "
+                f"evaluation, {len(SYNTHETIC_CLASSES)} classes ({', '.join(SYNTHETIC_CLASSES)})")
+
+    def __call__(self) -> NoReturn:
+        raise DataError(f"{SYNTHETIC} is text, not images: give it with a text classifier, a Hugging Face folder "
+                        "or weights with --arch and their tokenizer beside them "
+                        f"(robustkit audit MODEL --data {SYNTHETIC})")
 
 
 def is_text_ref(ref: str) -> bool:
@@ -78,7 +102,8 @@ def load_text_data(ref: str, limit: int | None = None) -> TextDataset:
         from robustkit_text.synthetic import generate
 
         made = generate()
-        data = TextDataset("sentiment", made.texts, made.labels, 2, made.train_texts, made.train_labels,
+        data = TextDataset("sentiment", made.texts, made.labels, len(SYNTHETIC_CLASSES), made.train_texts,
+                           made.train_labels,
                            source="robustkit_text.synthetic (generated reviews, seed 0)")
     else:
         path, columns = parse_ref(ref)

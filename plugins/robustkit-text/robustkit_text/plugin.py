@@ -4,7 +4,8 @@ Imports only robustkit (which imports no torch until used), so discovering the p
 (``robustkit --help``) costs neither torch nor transformers; each hook imports what it needs.
 The audit and harden jobs take a request only when its data is text (a ``.csv``/``.jsonl``
 file or folder, ``text:sentiment``), the export job also when the model is a folder with a
-tokenizer; every other request is left to robustkit.
+tokenizer; every other request is left to robustkit. ``text:sentiment`` is in robustkit's
+data-set registry (kind text) so that ``robustkit datasets list`` shows it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def robustkit_register_defences(registry: ProviderRegistry[Any]) -> None:
 
     for defence in DEFENCES:
         registry.add(defence)
+
+
+@robustkit.hookimpl
+def robustkit_register_datasets(registry: ProviderRegistry[Any]) -> None:
+    from robustkit_text.data import SyntheticEntry
+
+    registry.add(SyntheticEntry())
 
 
 @robustkit.hookimpl
