@@ -263,6 +263,7 @@ class Engine:
             {
                 "rng": checkpoint.capture_rng(self.ctx.generator),
                 "carry": {k: v.cpu() for k, v in self.ctx.carry.items()},
+                "running": list(self.state.running),  # each rank's share of the epoch's sums
             },
             self.world,
         )
@@ -327,7 +328,7 @@ class Engine:
         self.state = RunState(
             saved["epoch"],
             saved["batch"],
-            list(saved["running"]),
+            self._resumed_sums(saved),
             list(saved["history"]),
             saved["best"],
             saved["stale"],
@@ -336,6 +337,18 @@ class Engine:
         if self.out is not None:  # the log is the history: rewrite it so no epoch appears twice
             atomic_write(self.out / LOG_FILENAME, "".join(json.dumps(r) + "\n" for r in self.state.history))
         log.info("resumed at epoch %d, batch %d", self.state.epoch, self.state.batch)
+
+    def _resumed_sums(self, saved: dict[str, Any]) -> list[float]:
+        """This rank's share of the interrupted epoch's running sums (loss, accuracy, ...), which the
+        epoch's end adds up over the ranks: each rank its own, or, with another number of
+        processes (or a checkpoint that kept rank 0's only), rank 0 all of them and the others none."""
+        shares = [r["running"] for r in saved["ranks"]] if all("running" in r for r in saved["ranks"]) \
+            else [saved["running"]]
+        if len(shares) == self.world.world_size:
+            return list(shares[self.world.rank])
+        if self.world.is_main:
+            return [sum(column) for column in zip(*shares)]
+        return [0.0] * len(saved["running"])
 
     # -- training ------------------------------------------------------------------------------
     def run(self) -> DefenceResult:

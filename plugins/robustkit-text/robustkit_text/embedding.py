@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustkit.distributed import DistContext, all_reduce_sum_
 from robustkit_text.model import TextClassifier, perturbed
 
 _TINY = 1e-12
@@ -39,13 +40,17 @@ def project(delta: Tensor, radius: float | Tensor) -> Tensor:
     return delta * (radius / frobenius(delta)).clamp(max=1.0)
 
 
-def token_norm(model: TextClassifier, ids: Tensor) -> Tensor:
+def token_norm(model: TextClassifier, ids: Tensor, world: DistContext | None = None) -> Tensor:
     """Mean l2 norm of the word embeddings of the real tokens of ``ids`` (a detached scalar): the
     unit of every embedding radius. Measured per batch, it follows embeddings that grow while a
-    fresh model trains (the tiny BERT's go from ~0.16 to ~0.3)."""
+    fresh model trains (the tiny BERT's go from ~0.16 to ~0.3); under torchrun (``world``) over
+    the global batch, every rank's share, so N processes train as one does."""
     with torch.no_grad():
         rows = model.embedding.weight[ids.long()[model.editable(ids)]]
-        return rows.float().norm(dim=-1).mean() if len(rows) else torch.ones((), device=rows.device)
+        total = torch.stack([rows.float().norm(dim=-1).sum(), torch.tensor(float(len(rows)), device=rows.device)])
+        if world is not None:
+            all_reduce_sum_(total, world)
+        return total[0] / total[1] if total[1] > 0 else torch.ones((), device=rows.device)
 
 
 def zeros(model: TextClassifier, ids: Tensor) -> Tensor:

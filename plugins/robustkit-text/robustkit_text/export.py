@@ -1,8 +1,10 @@
 """``robustkit export`` of a text classifier (the ``robustkit_export_job`` hook).
 
 The graph takes what a tokenizer returns, ``input_ids`` and ``attention_mask`` (int64, batch x
-sequence, both axes dynamic), and returns ``logits``; robustkit's ONNX exporter writes it
-(torch's dynamo exporter first, the TorchScript exporter as the fallback, said in the result).
+sequence, both axes dynamic), and returns ``logits``, for a Hugging Face folder and for a torch
+module loaded with ``--arch`` alike (called by ``model.CONVENTION``); robustkit's ONNX exporter
+writes it (torch's dynamo exporter first, the TorchScript exporter as the fallback, said in the
+result).
 Token ids mean nothing without their tokenizer, so it is saved beside the graph:
 ``NAME.onnx`` gets ``NAME.tokenizer/`` (``AutoTokenizer.from_pretrained`` reads it).
 
@@ -42,12 +44,13 @@ from robustkit.export.run import (
     refuse_foreign,
     robustness_from_report,
 )
-from robustkit.models.loading import check_model_output, load_model
+from robustkit.models.loading import check_model_output
 from robustkit.models.onnx import OnnxPredictor, runtime_reason
 from robustkit.modules import eval_mode, model_device
 from robustkit_text.data import SYNTHETIC, is_text_ref, load_text_data
 from robustkit_text.harden import SUMMARY_ATTACK, robust_summary
 from robustkit_text.model import TextClassifier, as_classifier, encode_data
+from robustkit_text.quiet import load_quietly
 from robustkit_text.threat import TextThreat
 
 AXES: Axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
@@ -61,19 +64,20 @@ REFERENCE_BATCH = 32
 
 
 class TokenGraph(nn.Module):
-    """The network as the graph takes it: the tokenizer's two arrays in, fp32 logits out.
+    """The classifier as the graph takes it: the tokenizer's two arrays in, fp32 logits out (both
+    inputs even for a network that takes no mask: ``TextClassifier.call``).
 
     Made in eval mode: the TorchScript exporter restores the mode it found on the wrapper to
     every submodule, and a wrapper left in train mode would turn the network's dropout on.
     """
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, model: TextClassifier) -> None:
         super().__init__()
-        self.net = net
+        self.model = model
         self.eval()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        return self.model.call(input_ids, attention_mask)
 
 
 def tokenizer_folder(path: Path) -> Path:
@@ -84,8 +88,7 @@ def tokenizer_folder(path: Path) -> Path:
 def run_text_export(config: ExportConfig) -> ExportResult:
     """The export job: every refusal that needs no model comes first, then the summary, then
     the files; image-only settings are refused rather than ignored."""
-    given = {"--threat": config.norm, "--eps": config.eps, "--arch": config.load.arch,
-             "--mean/--std": config.load.mean or config.load.std}
+    given = {"--threat": config.norm, "--eps": config.eps, "--mean/--std": config.load.mean or config.load.std}
     refused = [flag for flag, value in given.items() if value is not None]
     if refused:
         raise RobustkitError(f"{refused[0]} does not apply to text classifiers; their threat model (k edits) comes "
@@ -106,11 +109,11 @@ def run_text_export(config: ExportConfig) -> ExportResult:
         raise RobustkitError(f"{side} exists and was not written by robustkit; choose another --out, or pass --force "
                              "to replace it")
     report = read_report(config.report) if config.report is not None else None
-    loaded = load_model(config.model, config.load)
+    loaded, _ = load_quietly(config.model, config.load)  # transformers' warnings: logged in robustkit's words
     model = as_classifier(loaded, config.model)
     text = load_text_data(config.data, limit=config.samples)
     data = encode_data(model, text)
-    check_model_output(model, data.x, text.num_classes)
+    output = check_model_output(model, data.x, text.num_classes)
     warnings = export_warnings(model)
     if report is not None:
         robustness: dict[str, Any] | None = robustness_from_report(report, loaded.sha256)
@@ -122,7 +125,6 @@ def run_text_export(config: ExportConfig) -> ExportResult:
         robustness, threat_model = _quick(model, data.x, data.y, config.data), TextThreat((1,), ()).describe()
     else:
         robustness = threat_model = None
-    net_config: Any = model.net.config
     metadata = {
         "format_version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -132,7 +134,7 @@ def run_text_export(config: ExportConfig) -> ExportResult:
                   "max_length": model.max_length, "pad_token_id": model.pad_id, "tokenizer": side.name,
                   "note": f"tokenize with the tokenizer in {side.name}/ beside this file "
                           "(AutoTokenizer.from_pretrained), at most max_length tokens"},
-        "labels": [str(net_config.id2label[i]) for i in range(net_config.num_labels)],
+        "labels": _labels(model, output.num_classes),
         "threat_model": threat_model,
         "robustness": robustness,
         "versions": export_versions("transformers", "tokenizers"),
@@ -141,6 +143,12 @@ def run_text_export(config: ExportConfig) -> ExportResult:
     result = _write(cpu_model, exporter, path, metadata, text.texts, config)
     result.warnings = [*warnings, *result.warnings]
     return result
+
+
+def _labels(model: TextClassifier, num_classes: int) -> list[str]:
+    """The config's class names (Hugging Face), else the class indices: a torch module names none."""
+    names = getattr(getattr(model.net, "config", None), "id2label", None) or {}
+    return [str(names.get(i, i)) for i in range(num_classes)]
 
 
 def _quick(model: TextClassifier, ids: Tensor, y: Tensor, data: str) -> dict[str, Any]:
@@ -167,7 +175,7 @@ def _write(model: TextClassifier, exporter: OnnxExporter, path: Path, metadata: 
             pair = (list(texts) * 2)[:2]  # dynamo treats a batch of one as a constant
             example = model.tokenizer(pair, padding=True, truncation=True, max_length=model.max_length,
                                       return_tensors="pt")
-            result = exporter.write(TokenGraph(model.net), tuple(example[name].long() for name in AXES),
+            result = exporter.write(TokenGraph(model), tuple(example[name].long() for name in AXES),
                                     staging / path.name, metadata=metadata, axes=AXES)
             model.tokenizer.save_pretrained(staging / side.name)
             try:
@@ -225,7 +233,7 @@ def verify(graph: Path, tokenizer: Path, model: TextClassifier, texts: Sequence[
 
         with torch.no_grad():
             reference = torch.cat([
-                TokenGraph(model.net)(*(encoded(start, REFERENCE_BATCH)[name] for name in AXES))
+                TokenGraph(model)(*(encoded(start, REFERENCE_BATCH)[name] for name in AXES))
                 for start in range(0, len(texts), REFERENCE_BATCH)])
         allowed = LOGIT_TOLERANCE * max(1.0, float(reference.abs().max()))
         tolerance = max(tolerance, allowed)

@@ -3,8 +3,10 @@
 Trains with a text defence (``text:plain|fgm|pgd|freelb``) in robustkit's shared loop, which
 writes ``checkpoint.pt`` and ``train_log.jsonl`` and continues with ``--resume``; before and
 after, the evaluation split is attacked with HotFlip at one edit. The output folder holds
-``model/`` (``save_pretrained``: config.json, model.safetensors, tokenizer files; what
+``model/`` (``save_pretrained``: config.json, model.safetensors, tokenizer files; for a torch
+module loaded with ``--arch``, its state dict as model.safetensors and the tokenizer files; what
 ``robustkit audit`` and ``export`` load), ``config.json``, ``summary.json`` and ``curves.png``.
+Under torchrun every rank trains and attacks its share of the summary; rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -20,20 +22,20 @@ from typing import Any
 import torch
 
 from robustkit import __version__
-from robustkit.distributed import DistContext
+from robustkit.distributed import DistContext, init_distributed, sum_over_ranks
 from robustkit.errors import RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden.api import HardenRequest, params_dict, plot_curves, resolve_defence
 from robustkit.harden.loop import LOG_FILENAME, resolve_device
 from robustkit.io import atomic_write
 from robustkit.models.base import LoadOptions
-from robustkit.models.loading import load_model
 from robustkit.modules import predict_logits, seeded
 from robustkit.threat import parse_number
 from robustkit_text.attacks import HotFlip
 from robustkit_text.data import load_text_data
 from robustkit_text.defences import TextDefence, default_threat, describe_threat
-from robustkit_text.model import TextClassifier, as_classifier, encode_data
+from robustkit_text.model import WEIGHTS_FILE, TextClassifier, as_classifier, encode_data
+from robustkit_text.quiet import load_quietly
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,22 @@ SUMMARY_ATTACK = "text:hotflip at k = 1 edit (beam 3)"
 SPLIT_FRACTION = 0.2
 
 
-def robust_summary(model: TextClassifier, ids: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Clean accuracy and accuracy under HotFlip with one edit, on the evaluation split."""
-    right = (predict_logits(model, ids).argmax(1).cpu() == y)
-    broken = HotFlip().run(model, ids, y, right.long()).broken_at <= 1
-    return {"clean_accuracy": float(right.float().mean()), "robust_accuracy": float((right & ~broken).float().mean())}
+def robust_summary(model: TextClassifier, ids: torch.Tensor, y: torch.Tensor,
+                   world: DistContext | None = None) -> dict[str, float]:
+    """Clean accuracy and accuracy under HotFlip with one edit, on the evaluation split. Under
+    torchrun (``world``) each rank attacks every world_size-th sample and the counts are summed,
+    so the attack's time is shared and every rank returns the same figures."""
+    world = world or DistContext()
+    mine = torch.arange(world.rank, len(y), world.world_size)
+    ids, labels = ids[mine], y[mine]
+    right = predict_logits(model, ids).argmax(1).cpu() == labels if len(mine) else torch.zeros(0, dtype=torch.bool)
+    broken = HotFlip().run(model, ids, labels, right.long()).broken_at <= 1
+    clean, robust = sum_over_ranks([int(right.sum()), int((right & ~broken).sum())], world)
+    return {"clean_accuracy": clean / len(y), "robust_accuracy": robust / len(y)}
 
 
 def _refuse_image_settings(request: HardenRequest) -> None:
-    given = {"--recipe": request.recipe, "--arch": request.arch, "--mean/--std": request.mean or request.std,
+    given = {"--recipe": request.recipe, "--mean/--std": request.mean or request.std,
              "--awp": request.awp, "--val-data": request.val_data,
              "--threat NORM:EPS": ":" in request.threat or request.threat not in ("linf", "l2")}
     refused = [flag for flag, value in given.items() if value]
@@ -68,14 +77,15 @@ def run_text_harden(request: HardenRequest) -> dict[str, Any]:
     if not isinstance(defence, TextDefence):
         raise RobustkitError(f"{name} is an image defence; text classifiers train with text:plain, text:fgm, "
                              "text:pgd or text:freelb")
+    if defence.params.awp_gamma:  # -o awp_gamma passes resolve_defence's --awp check; the steps would ignore it
+        raise RobustkitError("awp_gamma does not apply to text defences (their steps take no weight "
+                             "perturbation); drop -o awp_gamma")
     threat = default_threat(None if request.eps is None else parse_number(request.eps))
     run = request.run
-    refused = defence.loop.refusals(run, 1)
+    world = init_distributed(run.device)  # the group run_harden's distributed_session started
+    refused = defence.loop.refusals(run, world.world_size)
     if refused:
         raise RobustkitError(f"text defences cannot honour {', '.join(refused)} yet; drop them")
-    world = DistContext()
-    if world.world_size > 1:
-        raise RobustkitError("text defences run in one process; drop torchrun")
     text = load_text_data(request.data)
     notes: list[str] = []
     if text.train_texts is None:
@@ -89,36 +99,43 @@ def run_text_harden(request: HardenRequest) -> dict[str, Any]:
                            text.source, text.columns)
         notes.append(f"{request.data} has no training split: trained on a seeded {1 - SPLIT_FRACTION:.0%} of it, "
                      f"{SPLIT_FRACTION:.0%} held out for the before/after summary")
-        log.warning("%s", notes[-1])
+        if world.is_main:
+            log.warning("%s", notes[-1])
     device = resolve_device(run.device, world)
-    loaded = load_model(request.model, LoadOptions(None, request.trust_code, None, None, str(device)))
+    loaded, heard = load_quietly(request.model, LoadOptions(request.arch, request.trust_code, None, None, str(device)))
+    notes += heard
     model = as_classifier(loaded, request.model)
     data = encode_data(model, text)
     out = Path(run.out_dir or ".")
-    config = {"model": request.model, "data": request.data, "defence": name, "threat": describe_threat(threat),
-              "eps": threat.eps, "params": params_dict(defence), "precision": run.precision, "device": run.device,
-              "out": str(out), "environment": {"robustkit": __version__, "torch": torch.__version__,
-                                               "trust_code": request.trust_code}}
-    if not run.resume:
+    config = {"model": request.model, "arch": request.arch, "data": request.data, "defence": name,
+              "threat": describe_threat(threat), "eps": threat.eps, "params": params_dict(defence),
+              "precision": run.precision, "device": run.device, "out": str(out),
+              "environment": {"robustkit": __version__, "torch": torch.__version__,
+                              "world_size": world.world_size, "trust_code": request.trust_code}}
+    if world.is_main and not run.resume:  # a resumed run keeps the original until it succeeds
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
     with seeded(getattr(defence.params, "seed", 0), device):
-        before = robust_summary(model, data.x, data.y)
+        before = robust_summary(model, data.x, data.y, world)
         result = defence.apply(model, data, threat=threat, run=run)
-        after = robust_summary(model, data.x, data.y)
+        after = robust_summary(model, data.x, data.y, world)
     history = result.history
     best = [r["epoch"] for r in history if r.get("best")]
     summary = {
-        "model": request.model, "data": {**data.describe(), **text.describe()}, "recipe": None, "defence": name,
-        "params": params_dict(defence), "threat": f"embedding l2 (Frobenius), eps {threat.eps:g} x mean token norm",
+        "model": request.model, "arch": request.arch, "data": {**data.describe(), **text.describe()}, "recipe": None,
+        "defence": name, "params": params_dict(defence),
+        "threat": f"embedding l2 (Frobenius), eps {threat.eps:g} x mean token norm",
         "summary_attack": SUMMARY_ATTACK, "before": before, "after": after, "epochs_run": len(history),
         "best_epoch": best[-1] if best else None, "stop_reason": history[-1].get("stop") if history else None,
-        "overfit_epochs": [r["epoch"] for r in history if r.get("overfit")], "notes": notes + result.notes,
-        "precision": run.precision, "world_size": 1, "seconds": round(time.perf_counter() - started, 2),
+        "overfit_epochs": [r["epoch"] for r in history if r.get("overfit")],
+        "notes": notes + result.notes + audit_note(model, request, out),
+        "precision": run.precision, "world_size": world.world_size, "seconds": round(time.perf_counter() - started, 2),
         "outputs": {"model": str(out / "model"), "config": str(out / "config.json"),
                     "summary": str(out / "summary.json"), "log": str(out / LOG_FILENAME),
                     "checkpoint": str(out / checkpoint.FILENAME), "plot": str(out / "curves.png")},
     }
+    if not world.is_main:  # rank 0 writes; run_harden's session holds every rank until it has
+        return summary
     if run.resume:
         atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
     save_folder(model, out / "model")
@@ -129,11 +146,20 @@ def run_text_harden(request: HardenRequest) -> dict[str, Any]:
 
 
 def save_folder(model: TextClassifier, folder: Path) -> None:
-    """``save_pretrained`` of the network and tokenizer into ``folder``, replaced as a whole: written
-    beside it first, so a failure leaves the previous folder."""
+    """The network and tokenizer into ``folder``, replaced as a whole: written beside it first, so a
+    failure leaves the previous folder. A Hugging Face network with ``save_pretrained``; a torch
+    module as its state dict in ``model.safetensors`` (``--arch`` rebuilds it, and reading it runs
+    no code), the tokenizer's ``save_pretrained`` files beside it, where the loader looks."""
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.net.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+        if model.hf_folder:
+            model.net.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+        else:
+            from safetensors.torch import save_file
+
+            # cloned: safetensors refuses tensors that share memory (tied weights); strict loading wants every key
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.net.state_dict().items()},
+                      str(staging / WEIGHTS_FILE))
         model.tokenizer.save_pretrained(staging)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
@@ -143,3 +169,12 @@ def save_folder(model: TextClassifier, folder: Path) -> None:
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def audit_note(model: TextClassifier, request: HardenRequest, out: Path) -> list[str]:
+    """The command that audits a hardened torch module (its weights file and ``--arch``), printed
+    with the summary's notes; a Hugging Face folder is audited as the folder ``outputs`` names."""
+    if model.hf_folder:
+        return []
+    return [f"audit it with: robustkit audit {out / 'model' / WEIGHTS_FILE} --arch {request.arch or 'MODULE:FACTORY'} "
+            f"--data {request.data}"]
