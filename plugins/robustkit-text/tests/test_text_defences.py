@@ -47,7 +47,8 @@ def _applied(defence: TextDefence, model: TextClassifier, ids: torch.Tensor, y: 
     seen: list[torch.Tensor] = []
 
     def recording(layer: torch.nn.Module, delta: torch.Tensor) -> AbstractContextManager[None]:
-        assert layer is model.net.bert.embeddings.word_embeddings  # before position embeddings and LayerNorm
+        # the word embeddings: before position embeddings and LayerNorm
+        assert layer is model.net.get_submodule("bert.embeddings.word_embeddings")
         seen.append(delta.detach().clone())
         return perturbed(layer, delta)
 
@@ -110,3 +111,40 @@ def test_the_radius_follows_the_scale_of_the_embeddings(batch: tuple, monkeypatc
     small, _ = _applied(FGM(), model, ids, y, monkeypatch)
     large, _ = _applied(FGM(), scaled, ids, y, monkeypatch)
     assert torch.allclose(frobenius(large[-1]), 10 * frobenius(small[-1]), rtol=1e-4)
+
+
+def test_freelb_draws_one_set_of_dropout_masks_per_batch(batch: tuple) -> None:
+    """As the reference's ``dp_masks``: the K passes of a batch see the same dropout masks (so
+    the ascent climbs one loss surface), and the next batch draws new ones."""
+    model, ids, y = batch
+    masks: list[torch.Tensor] = []
+    layer = model.net.get_submodule("bert.embeddings.dropout")  # its input (LayerNorm's output) is never exactly 0
+    handle = layer.register_forward_hook(lambda _m, _i, output: masks.append(output == 0))
+    try:
+        step = FreeLB(steps=3).make_step(_context(model))
+        step(ids, y)
+        step(ids, y)
+    finally:
+        handle.remove()
+    assert len(masks) == 6 and bool(masks[0].any())
+    assert all(torch.equal(masks[0], m) for m in masks[1:3]) and all(torch.equal(masks[3], m) for m in masks[4:])
+    assert not torch.equal(masks[0], masks[3])
+
+
+def test_freelb_without_an_adversary_is_plain_training(batch: tuple) -> None:
+    """With no random start and a negligible ascent, FreeLB-K averages K passes that share their
+    dropout masks: the gradient of one plain pass, and the global generators (dropout's) end
+    where one pass leaves them, whatever K, so the rest of the run's random stream is plain's."""
+    model, ids, y = batch
+    ends: list[torch.Tensor] = []
+    grads: list[list[torch.Tensor]] = []
+    for defence in (defences.Plain(), FreeLB(steps=3, init_mag=0.0, adv_lr=1e-9)):
+        trained = copy.deepcopy(model)
+        torch.manual_seed(1)
+        defence.make_step(_context(trained))(ids, y)
+        ends.append(torch.get_rng_state())
+        grads.append([p.grad for p in trained.parameters() if p.grad is not None])
+    assert torch.equal(ends[0], ends[1])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for plain, freelb in zip(*grads):
+        assert torch.allclose(plain, freelb, rtol=1e-4, atol=1e-7)
