@@ -31,8 +31,9 @@ def data_for(data: str | None, model: str, arch: str | None) -> str:
     if model.startswith("builtin:") or (arch or "").startswith("builtin:"):
         return BUILTIN_DATA
     raise click.UsageError(
-        f"--data is required for {model}: give its evaluation data (a .npz with x and y, an image folder, or "
-        "builtin:NAME); the built-in digits are the default only for built-in models"
+        f"--data is required for {model}: give its evaluation data (a .npz with x and y, an image folder, a .csv or "
+        ".jsonl of texts for a text classifier, or a name from `robustkit datasets list`); the built-in digits are "
+        "the default only for built-in models"
     )
 
 

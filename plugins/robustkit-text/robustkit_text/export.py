@@ -11,7 +11,9 @@ Token ids mean nothing without their tokenizer, so it is saved beside the graph:
 Verification runs the written files as they are deployed: the saved tokenizer must split the
 data's texts as the model's own does, and onnxruntime, fed by it, must match torch at two
 batch sizes and two sequence lengths (the full texts, and cut to half), within a stated
-tolerance and on every predicted class. Only then are the files moved into place, so a
+tolerance and on every predicted class, and classify the texts HotFlip crafts against torch
+(one edit) as torch does, within the image export's parity gap. Only then are the files moved
+into place, so a
 failure leaves nothing behind. The ONNX metadata (key ``robustkit``) holds the labels, where
 the tokenizer is, the maximum length, the threat model (k edits) and the robustness summary:
 the audit report's (``--report``), else a quick HotFlip check at one edit.
@@ -35,6 +37,7 @@ from robustkit.audit.report import read_report
 from robustkit.errors import RobustkitError
 from robustkit.export.onnx import OUTPUT, Axes, OnnxExporter
 from robustkit.export.run import (
+    MAX_PARITY_GAP,
     ExportConfig,
     ExportResult,
     check_report_matches,
@@ -46,7 +49,8 @@ from robustkit.export.run import (
 )
 from robustkit.models.loading import check_model_output
 from robustkit.models.onnx import OnnxPredictor, runtime_reason
-from robustkit.modules import eval_mode, model_device
+from robustkit.modules import eval_mode, model_device, predict_logits
+from robustkit_text.attacks import HotFlip
 from robustkit_text.data import SYNTHETIC, is_text_ref, load_text_data
 from robustkit_text.harden import SUMMARY_ATTACK, robust_summary
 from robustkit_text.model import TextClassifier, as_classifier, encode_data
@@ -140,7 +144,7 @@ def run_text_export(config: ExportConfig) -> ExportResult:
         "versions": export_versions("transformers", "tokenizers"),
     }
     cpu_model = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
-    result = _write(cpu_model, exporter, path, metadata, text.texts, config)
+    result = _write(cpu_model, exporter, path, metadata, text.texts, data.y, config)
     result.warnings = [*warnings, *result.warnings]
     return result
 
@@ -164,7 +168,7 @@ def _quick(model: TextClassifier, ids: Tensor, y: Tensor, data: str) -> dict[str
 
 
 def _write(model: TextClassifier, exporter: OnnxExporter, path: Path, metadata: dict[str, Any],
-           texts: Sequence[str], config: ExportConfig) -> ExportResult:
+           texts: Sequence[str], labels: Tensor, config: ExportConfig) -> ExportResult:
     """Export and save the tokenizer into a private folder beside ``path``, verify, then move
     into place (the graph last); on any failure nothing is left at ``path``."""
     side = tokenizer_folder(path)
@@ -179,7 +183,7 @@ def _write(model: TextClassifier, exporter: OnnxExporter, path: Path, metadata: 
                                     staging / path.name, metadata=metadata, axes=AXES)
             model.tokenizer.save_pretrained(staging / side.name)
             try:
-                result.checks = verify(result.path, staging / side.name, model, texts, config.load.trust_code)
+                result.checks = verify(result.path, staging / side.name, model, texts, labels, config.load.trust_code)
             except RobustkitError as err:
                 hint = f" ({result.warnings[0]})" if result.warnings else ""
                 raise RobustkitError(f"{err}{hint}; nothing was written") from None
@@ -209,10 +213,10 @@ def _run(runtime: OnnxPredictor, batch: Mapping[str, Any]) -> Tensor:
     return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 
-def verify(graph: Path, tokenizer: Path, model: TextClassifier, texts: Sequence[str],
+def verify(graph: Path, tokenizer: Path, model: TextClassifier, texts: Sequence[str], labels: Tensor,
            trust_code: bool = False) -> dict[str, Any]:
-    """Compare the written graph and tokenizer, as deployed, with the model in torch on ``texts``;
-    raise on any mismatch."""
+    """Compare the written graph and tokenizer, as deployed, with the model in torch on ``texts``,
+    then on HotFlip's adversarial versions of them (``adversarial_parity``); raise on any mismatch."""
     from transformers import AutoTokenizer
 
     saved = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=trust_code)
@@ -248,4 +252,32 @@ def verify(graph: Path, tokenizer: Path, model: TextClassifier, texts: Sequence[
                     f"{disagree}/{len(texts)} texts")
             worst = max(worst, diff)
     return {"samples": len(texts), "batch_sizes": list(BATCH_SIZES), "sequence_lengths": lengths,
-            "max_abs_diff": worst, "tolerance": tolerance, "argmax_agreement": 1.0}
+            "max_abs_diff": worst, "tolerance": tolerance, "argmax_agreement": 1.0,
+            **adversarial_parity(runtime, saved, model, texts, labels)}
+
+
+def adversarial_parity(runtime: OnnxPredictor, tokenizer: Any, model: TextClassifier, texts: Sequence[str],
+                       labels: Tensor) -> dict[str, Any]:
+    """Accuracy on the texts HotFlip (one edit) crafts against torch, under torch and under the
+    deployed graph fed by the saved tokenizer: the robustness summary in the metadata is about
+    this file only if the two agree (the image export's check, in text)."""
+    ids = model.encode(texts)
+    right = predict_logits(model, ids).argmax(1).cpu() == labels
+    crafted = HotFlip().run(model, ids, labels, right.long()).adversarial
+    adversarial = [a if a is not None else t for a, t in zip(crafted, texts)]
+    torch_pred = model.classify(adversarial).argmax(1)
+    runtime_pred = torch.cat([
+        _run(runtime, tokenizer(adversarial[i : i + REFERENCE_BATCH], padding=True, truncation=True,
+                                max_length=model.max_length, return_tensors="np")).argmax(1)
+        for i in range(0, len(adversarial), REFERENCE_BATCH)])
+    torch_acc = float((torch_pred == labels).float().mean())
+    runtime_acc = float((runtime_pred == labels).float().mean())
+    gap = abs(torch_acc - runtime_acc)
+    if gap > MAX_PARITY_GAP:
+        raise RobustkitError(
+            f"export verification failed: texts HotFlip crafted on torch leave {100 * torch_acc:.1f}% accuracy under "
+            f"torch but {100 * runtime_acc:.1f}% under the exported graph (more than {100 * MAX_PARITY_GAP:.1f} "
+            "points apart)")
+    return {"parity_attack": "text:hotflip at k = 1 edit", "robust_accuracy_torch": torch_acc,
+            "robust_accuracy_exported": runtime_acc, "parity_gap": gap,
+            "adversarial_argmax_agreement": float((torch_pred == runtime_pred).float().mean())}

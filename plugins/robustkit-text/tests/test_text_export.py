@@ -158,3 +158,37 @@ def test_the_fallback_is_said_and_a_failed_check_writes_nothing(trained_model: P
     assert "nothing was written" in failed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.tokenizer"]
     assert out.read_bytes() == written
+
+
+def test_adversarial_texts_are_classified_alike_by_the_graph(exported: tuple[Path, dict[str, Any]]) -> None:
+    checks = exported[1]["checks"]
+    assert checks["parity_attack"].startswith("text:hotflip") and checks["parity_gap"] <= 0.005
+    assert checks["robust_accuracy_exported"] == pytest.approx(checks["robust_accuracy_torch"], abs=0.005)
+    assert checks["adversarial_argmax_agreement"] == 1.0
+
+
+def test_a_graph_that_differs_on_adversarial_texts_is_refused(trained_model: Path, data_folder: Path) -> None:
+    """A graph blind to the attack's edits (it answers every text's true class, in order) is as
+    accurate as torch on clean texts but not on HotFlip's: the parity check refuses it."""
+    from robustkit_text.export import adversarial_parity
+    from robustkit_text.model import as_classifier, encode_data
+
+    from robustkit.errors import RobustkitError
+    from robustkit.models.loading import load_model
+
+    model = as_classifier(load_model(str(trained_model)), str(trained_model))
+    text = load_text_data(str(data_folder), limit=SAMPLES)
+    data = encode_data(model, text)
+    truth = iter(data.y.tolist())
+
+    class Session:  # onnxruntime's interface
+        def run(self, _outputs: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            logits = np.zeros((len(feed["input_ids"]), 2), dtype=np.float32)
+            logits[np.arange(len(logits)), [next(truth) for _ in logits]] = 1.0
+            return [logits]
+
+    class Runtime:
+        name, session = "blind.onnx", Session()
+
+    with pytest.raises(RobustkitError, match=r"leave \d+\.\d% accuracy under torch but 100\.0% under the exported"):
+        adversarial_parity(Runtime(), model.tokenizer, model, text.texts, data.y)  # type: ignore[arg-type]
