@@ -75,17 +75,22 @@ def _standing(model: Model, x: Tensor, y: Tensor, attack: Attack, threat: Threat
     return torch.cat(standing)
 
 
-def clean_accuracy_vs_chance(clean_correct: Tensor, num_classes: int) -> Check:
+#: What puts an image classifier at chance, for the failed check's fix.
+IMAGE_CHANCE_CAUSES = "--mean/--std, the data's scaling and labels, --data"
+
+
+def clean_accuracy_vs_chance(clean_correct: Tensor, num_classes: int, causes: str = IMAGE_CHANCE_CAUSES) -> Check:
     """A model at chance on clean data is not seeing its inputs as it was trained to (missing
-    --mean/--std, wrong scaling or labels, the wrong data set): attacking it measures nothing,
-    and every later check would pass on it."""
+    --mean/--std, wrong scaling or labels, the wrong data set, an untrained model): attacking it
+    measures nothing, and every later check would pass on it. ``causes``: what to check, in the
+    fix (a plugin's data has its own)."""
     n = len(clean_correct)
     accuracy, chance = float(clean_correct.float().mean()), 1.0 / num_classes
     half_width = CHANCE_Z * math.sqrt(chance * (1 - chance) / max(n, 1))
     detail = f"clean accuracy {accuracy:.1%} on {n} samples; chance is {chance:.1%} (+-{half_width:.1%})"
     if accuracy <= chance + half_width:
-        return Check("clean accuracy above chance", "fail", detail + ": clean accuracy is at chance: check "
-                     "--mean/--std, the data's scaling and labels, --data; the attacks were skipped")
+        return Check("clean accuracy above chance", "fail", detail + f": clean accuracy is at chance: check "
+                     f"{causes}; the attacks were skipped")
     return Check("clean accuracy above chance", "pass", detail)
 
 

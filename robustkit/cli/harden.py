@@ -235,7 +235,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         "before",
         "after",
         title=f"{summary['defence']} on {summary['data']['name']}, {summary['threat']}",
-        caption=f"evaluation split, {summary['summary_attack']} at the training eps",
+        caption=f"evaluation split, {summary['summary_attack']}",
         min_width=72,
     )
     for key, label in (

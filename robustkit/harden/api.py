@@ -361,7 +361,7 @@ def _summary(
         "defence": defence_name,
         "params": params_dict(defence),
         "threat": str(threat),
-        "summary_attack": f"{SUMMARY_ATTACK} (default settings)",
+        "summary_attack": f"{SUMMARY_ATTACK} (default settings) at the training eps",
         "before": before,
         "after": after,
         "epochs_run": len(history),

@@ -98,7 +98,8 @@ def run_text_audit(config: AuditConfig) -> tuple[AuditReport, list[dict[str, Any
     threat = TextThreat(budgets, tuple(options.char_ops.split(",")), options.substitutions or None)
     clean_logits = predict_logits(model, data.x)
     clean_correct = clean_logits.argmax(1).cpu() == y
-    chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes)
+    chance = checks.clean_accuracy_vs_chance(clean_correct, output_check.num_classes,
+                                             "that the model is trained (robustkit harden), the label column, --data")
     names = _attack_names(config) if chance.status != "fail" else []
     attacks: dict[str, Any] = {
         "hotflip": HotFlip(beam=options.beam, candidates=options.candidates, allowed=allowed),

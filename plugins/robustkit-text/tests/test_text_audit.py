@@ -104,6 +104,15 @@ def test_loading_says_untrained_weights_in_robustkit_words(headless_model: Path)
     assert any("untrained" in note for note in report["model"]["notes"])
 
 
+def test_an_untrained_model_fails_the_chance_check_with_a_text_fix(fresh_model: Path, data_folder: Path) -> None:
+    """The fix names what puts a text classifier at chance, not the image causes (--mean/--std)."""
+    result = invoke("audit", str(fresh_model), "--data", str(data_folder), *QUICK, "--json")
+    report = json.loads(result.stdout)
+    (chance,) = [c for c in report["checks"] if c["name"] == "clean accuracy above chance"]
+    assert chance["status"] == "fail" and "the model is trained (robustkit harden)" in chance["detail"], chance
+    assert "--mean/--std" not in chance["detail"] and result.exit_code != 0
+
+
 def test_sentiment_is_listed_as_text_data() -> None:
     listed = invoke("datasets", "list", "--json")
     assert listed.exit_code == 0, listed.output
