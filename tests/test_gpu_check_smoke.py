@@ -28,10 +28,17 @@ def test_every_part_runs_on_the_cpu_and_no_target_is_judged() -> None:
     assert "needs CUDA" in skipped["attack checks"] and "needs CUDA" in skipped["pytest -m cuda"]
     assert skipped["row atta fp32"] == "--no-extra-rows"
     fgsm = next(r for r in report["rows"] if r["defence"] == "fgsm-rs")
-    assert fgsm["images_per_s"] > 0 and fgsm["reference_images_per_s"] > 0 and "ratio" in fgsm
+    assert fgsm["images_per_s"] > 0
+    if report["reference"] is not None:  # ../shared/bench/reference_training.py, beside the checkout
+        assert fgsm["reference_images_per_s"] > 0 and "ratio" in fgsm
+    else:  # a clone without the shared folder: the target says why it has no value
+        assert "ratio" not in fgsm
+        (headline,) = [t for t in report["targets"] if "reference" in t["name"]]
+        assert headline["value"] is None and "no reference loop" in headline["why"], headline
     assert report["fast_at"]["epochs"] == 1 and report["fast_at"]["wall_s"] > 0
     assert {"clean_accuracy", "worst_case_robust_accuracy", "checks", "seconds"} <= set(report["audit"])
     assert len(report["targets"]) == 3
     for found in report["targets"]:
-        assert found["judged"] is False and "not on a GPU" in found["why"] and found["value"] is not None
+        assert found["judged"] is False and "not on a GPU" in found["why"]
+        assert found["value"] is not None or report["reference"] is None
     assert report["failed"] == []
