@@ -264,7 +264,7 @@ def test_judge_epoch(curve: list[tuple[float, float]], overfit: list[int], stop:
     state, params = RunState(), TrainingParams(patience=2)
     for epoch, (clean, robust) in enumerate(curve, start=1):
         record = _record(epoch, clean, robust)
-        judge_epoch(state, record, params, "val_robust", dict)
+        judge_epoch(state, record, params, "val_robust", "advice", dict)
         state.history.append(record)
     assert [r["epoch"] for r in state.history if r["overfit"]] == overfit
     assert state.stop_reason == stop

@@ -70,6 +70,7 @@ def judge_epoch(
     record: dict[str, Any],
     params: TrainingParams,
     monitor: str,
+    advice: str,
     model_state: Callable[[], dict[str, Tensor]],
 ) -> list[str]:
     """Update best weights, staleness and the stop reason from one epoch's canary; returns notes.
@@ -78,7 +79,7 @@ def judge_epoch(
     other accuracy breaks ties). Catastrophic overfitting: robust validation accuracy falls at
     least ``overfit_drop`` below the best epoch's while clean accuracy holds (within
     ``CLEAN_SLACK``) - the signature of a model that learned to mask single-step gradients,
-    not of divergence, where both fall.
+    not of divergence, where both fall. ``advice``: the defence's fix, said in the note.
     """
     other = "val_clean" if monitor == "val_robust" else "val_robust"
     best = state.best
@@ -101,7 +102,7 @@ def judge_epoch(
             f"catastrophic overfitting at epoch {record['epoch']}: robust validation accuracy "
             f"fell from {best['val_robust']:.1%} (epoch {best['epoch']}) to {robust:.1%} while "
             f"clean accuracy held at {clean:.1%}; keeping the epoch-{best['epoch']} weights "
-            "(lower the step size or lr, use a random start, or use pgd-at)"
+            f"({advice})"
         )
         if params.stop_on_overfit:
             state.stop_reason = "catastrophic overfitting"

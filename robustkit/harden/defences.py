@@ -42,6 +42,8 @@ class TrainingDefence(Defence):
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF, Norm.L2})
     #: The validation accuracy that picks the best epoch (and drives early stopping).
     monitor: ClassVar[str] = "val_robust"
+    #: What to do about catastrophic overfitting, said in the canary's note.
+    overfit_advice: ClassVar[str] = "lower the step size or lr, use a random start, or use pgd-at"
 
     @property
     def replays(self) -> int:

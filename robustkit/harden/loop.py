@@ -454,6 +454,7 @@ class Engine:
             record,
             self.params,
             self.defence.monitor,
+            self.defence.overfit_advice,
             lambda: {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
         )
         if notes:

@@ -159,6 +159,7 @@ class LoopDefence(Protocol):
 
     name: ClassVar[str]
     monitor: ClassVar[str]
+    overfit_advice: ClassVar[str]
     params: Any
 
     @property

@@ -82,6 +82,8 @@ class TextDefence(TrainingDefence):
     #: still predicts one class has nothing HotFlip can flip, so robust accuracy alone would
     #: prefer it to every model that has learned something.
     monitor: ClassVar[str] = "val_clean"
+    overfit_advice: ClassVar[str] = ("HotFlip is not the training attack, and a model leaving a one-word shortcut "
+                                     "can fall on it; audit the kept and the final weights with robustkit audit")
 
     def apply(self, model: nn.Module, data: Dataset | None, *, threat: ThreatModel,
               run: RunConfig | None = None) -> DefenceResult:
