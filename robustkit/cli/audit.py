@@ -46,6 +46,7 @@ def audit(model: str, data: str | None, arch: str | None, trust_code: bool, mean
           certify: bool) -> None:
     """Measure MODEL's clean and robust accuracy, with checks that catch gradient masking."""
     from robustkit.audit.run import AuditConfig, parse_eps_list, run_audit
+    from robustkit.environment import warn_if_cpu_busy
     from robustkit.threat import Norm
 
     config = AuditConfig(
@@ -56,6 +57,7 @@ def audit(model: str, data: str | None, arch: str | None, trust_code: bool, mean
         check_samples=check_samples, run_checks=not no_checks, black_box=black_box, out=out,
         certify=certify,
     )
+    warn_if_cpu_busy(device)
     report = run_audit(config)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))

@@ -161,6 +161,7 @@ def _floats(value: Any, option: str) -> tuple[float, ...] | None:
 def harden(ctx: click.Context, **values: Any) -> None:
     """Adversarially train MODEL (a built-in architecture or your weights) to resist attacks."""
     from robustkit import HardenRequest, RunConfig, run_harden
+    from robustkit.environment import warn_if_cpu_busy
 
     config = read_config(values["config_file"]) if values["config_file"] else {}
 
@@ -215,6 +216,7 @@ def harden(ctx: click.Context, **values: Any) -> None:
         awp=values["awp"],
         val_data=pick("val_data"),
     )
+    warn_if_cpu_busy(run.device)
     summary = run_harden(request)
     if int(os.environ.get("RANK", "0")) != 0:
         return
