@@ -462,6 +462,9 @@ def load_npz(path: Path, limit: int | None = None, stored: bool = False) -> Data
     labels = torch.cat([y.flatten()] + ([y_train.flatten()] if y_train is not None else []))
     num_classes = max(int(labels.max()), 0) + 1 if len(labels) else 0
     if limit is not None:
+        inputs = members["x"].shape[:1]  # validate() sees the first rows only: x and y must match in full
+        if y.dim() == 1 and inputs and len(y) != inputs[0]:
+            raise DataError(f"{where}: labels have shape {tuple(y.shape)}; expected ({inputs[0]},), one per input")
         return Dataset(path.stem, x, y[:limit] if y.dim() else y, num_classes, source=where)
     x_train = None
     if train:  # uint8 images stay uint8 (float_inputs converts each batch)
@@ -570,6 +573,9 @@ def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path}: an image folder needs one sub-folder per class")
+    if len(classes) == 1:  # its images would all get label 0, whatever class the model calls them
+        raise DataError(f"{path}: one class folder ({classes[0]}/); an image folder needs a sub-folder for every "
+                        "class, as the labels are the folders' sorted positions")
     files = [(file, index) for index, name in enumerate(classes) for file in sorted((path / name).iterdir())
              # notes, sub-folders, and pipes or devices that would block or never end are skipped
              if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file()]
@@ -584,10 +590,9 @@ def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
         for file, index in files:
             array = _read_image(file, max_pixels)
             if size is None:
-                size = array.shape
-            if array.shape != size:
-                raise DataError(f"{file}: size {array.shape[:2]} differs from {size[:2]} (or its channels do); "
-                                "resize all images to one size")
+                size = array.shape[:2]
+            if array.shape[:2] != size:
+                raise DataError(f"{file}: size {array.shape[:2]} differs from {size}; resize all images to one size")
             total += array.nbytes * 4  # what they take as float32, the form evaluation images take
             message = over_limit(f"{path}: the images up to {file.name}", total)
             if message:
@@ -596,6 +601,8 @@ def _load_class_folders(path: Path, limit: int | None = None) -> Dataset:
             labels.append(index)
     if not images:
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
+    if len({image.shape[2] for image in images}) > 1:  # grey among colour images: grey as RGB, as torchvision does
+        images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image for image in images]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.int64)
     if limit is not None:

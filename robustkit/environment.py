@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from robustkit.errors import OptionError
+
 log = logging.getLogger("robustkit")
 
 
@@ -23,6 +25,22 @@ def environment(device: str) -> dict[str, Any]:
             continue
     return {**versions, "python": platform.python_version(), "platform": platform.platform(), "device": device,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()}
+
+
+def parse_device(spec: str) -> torch.device:
+    """``--device`` as a torch device, or a one-line ``OptionError`` saying what is wrong (torch's
+    own errors, for a misspelt name or a GPU this machine lacks, read as internal failures)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    available = getattr(getattr(torch, device.type, None), "is_available", None)
+    if device.type != "cpu" and (available is None or not available()):
+        raise OptionError(f"--device {spec}: no {device.type} device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OptionError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
+    return device
 
 
 def busy_cpu_note(device: str) -> str | None:

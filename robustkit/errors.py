@@ -45,5 +45,5 @@ class DataError(RobustkitError, ValueError):
     """Data that breaks the input convention (shape, dtype, NaN, bounds, labels)."""
 
 
-class ParamsError(RobustkitError, ValueError):
-    """An unknown or ill-typed parameter."""
+class ParamsError(OptionError):
+    """An unknown or ill-typed parameter (``-o steps 0``): a bad option value, exit 2."""

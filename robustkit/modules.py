@@ -1,6 +1,7 @@
 """Small torch helpers shared by loaders, attacks and engines."""
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -8,6 +9,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from robustkit.errors import OptionError
 
 #: Anything that maps a batch of inputs in the bounds to (N, C) scores: an ``nn.Module`` for
 #: white-box attacks, or a plain predict function (an ONNX session) for black-box ones.
@@ -23,8 +26,10 @@ class Normalized(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise ValueError("mean and std need the same length and a positive std")
+        finite = all(math.isfinite(value) for value in (*mean, *std))
+        if len(mean) != len(std) or not finite or any(s <= 0 for s in std):
+            raise OptionError(f"--mean and --std need one finite value per channel each and a positive std; "
+                              f"got mean {tuple(mean)}, std {tuple(std)}")
         self.net = net
         self.mean: Tensor
         self.std: Tensor

@@ -131,7 +131,7 @@ class ThreatModel:
         if not low < high:
             raise RobustkitError(f"bounds must satisfy low < high, got {self.bounds}")
         if self.norm is Norm.LINF and self.eps > high - low:
-            raise RobustkitError(
+            raise OptionError(
                 f"linf eps {self.eps:g} exceeds the input range {high - low:g} of bounds "
                 f"{self.bounds}; eps is in input units (e.g. 8/255 for [0, 1] images)"
             )

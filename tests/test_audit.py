@@ -341,7 +341,7 @@ def test_bad_input_gives_one_line_errors(weights, args, message):
     plugins = Path(__file__).parents[1] / "examples" / "plugins_dir"  # noise: a linf-only attack
     result = CliRunner().invoke(cli, ["--plugins-dir", str(plugins), "audit", str(weights), "--arch",
                                       "builtin:digits-cnn", *args])
-    assert result.exit_code == (2 if args[0] == "--eps" else 1)  # a bad option value is a usage error
+    assert result.exit_code == (2 if args[0] in ("--eps", "-o") else 1)  # a bad option value is a usage error
     assert message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 

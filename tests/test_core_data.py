@@ -125,20 +125,40 @@ def test_image_folder_rgb(host: Host, tmp_path: Path) -> None:
     [
         ("no-classes", "needs one sub-folder per class"),
         ("no-images", "no images"),
-        ("mixed-sizes", "differs from"),
+        ("mixed-sizes", r"size \(5, 7\) differs from \(5, 6\); resize"),
+        ("one-class", "one class folder"),
     ],
 )
 def test_bad_image_folders(host: Host, tmp_path: Path, layout: str, message: str) -> None:
     root = tmp_path / "imgs"
     root.mkdir()
     if layout == "no-images":
-        (root / "a").mkdir()
-        (root / "a" / "readme.txt").write_text("x")
+        for name in ("a", "b"):
+            (root / name).mkdir()
+            (root / name / "readme.txt").write_text("x")
     elif layout == "mixed-sizes":
         _png(root / "a" / "1.png", 0, size=(6, 5))
         _png(root / "b" / "2.png", 0, size=(7, 5))
+    elif layout == "one-class":  # every image would get label 0, whatever the model calls its class
+        _png(root / "three" / "1.png", 0)
     with pytest.raises(DataError, match=message):
         load_dataset(str(root))
+
+
+def test_grey_images_among_colour_ones_read_as_rgb(host: Host, tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    _png(root / "a" / "1.png", 51)  # grey first: the colour image after it must not be refused
+    _png(root / "b" / "2.png", 255, mode="RGB")
+    data = load_dataset(str(root))
+    assert data.x.shape == (2, 3, 5, 6)
+    assert data.x[0, :, 0, 0].tolist() == pytest.approx([0.2, 0.2, 0.2])  # the grey value in every channel
+    assert data.x[1, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_limit_does_not_hide_a_label_count_mismatch(host: Host, tmp_path: Path) -> None:
+    path = _save(tmp_path / "short-y.npz", x=np.full((6, 1, 3, 3), 0.5, dtype=np.float32), y=np.array([0, 1, 0, 1, 0]))
+    with pytest.raises(DataError, match=r"labels have shape \(5,\); expected \(6,\)"):
+        load_dataset(str(path), limit=3)
 
 
 GOOD_X = np.full((4, 1, 3, 3), 0.5, dtype=np.float32)

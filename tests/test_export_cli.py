@@ -127,7 +127,7 @@ def test_text_output_and_default_folder(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_exporter_options_are_checked(cnn_weights: Path, tmp_path: Path) -> None:
     result = invoke("export", str(cnn_weights), *CNN, "-o", "opsett", "17", "--out", str(tmp_path / "m.onnx"))
-    assert result.exit_code == 1 and "unknown parameter 'opsett'" in result.stderr and "opset" in result.stderr
+    assert result.exit_code == 2 and "unknown parameter 'opsett'" in result.stderr and "opset" in result.stderr
     result = invoke("export", str(cnn_weights), *CNN, "--format", "tflite")
     assert result.exit_code == 1 and "unknown exporter 'tflite'" in result.stderr
 

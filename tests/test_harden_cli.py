@@ -101,15 +101,25 @@ def test_existing_run_is_not_overwritten_without_resume(host: Any, tmp_path: Pat
     ("args", "message"),
     [
         (["--defence", "pgd-att"], "unknown defence 'pgd-att'; did you mean"),
-        (["--defence", "fgsm-rs", "--eps", "2"], "exceeds the input range"),
         (["--defence", "fgsm-rs", "--attack", "pgd"], "crafts its own examples"),
-        (["--defence", "trades", "-o", "betta", "1"], "unknown parameter 'betta'"),
         (["--defence", "pgd-at", "--attack", "nope"], "unknown attack 'nope'"),
         (["--defence", "trades", "--threat", "l1"], "linf or l2"),
     ],
 )
 def test_bad_input_is_one_line(host: Any, tmp_path: Path, args: list[str], message: str) -> None:
     assert message in one_line_error(harden("builtin:digits-cnn", *args, "--out", tmp_path / "o"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--defence", "fgsm-rs", "--eps", "2"], "Error: linf eps 2 exceeds the input range"),
+        (["--defence", "trades", "-o", "betta", "1"], "Error: unknown parameter 'betta'"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(host: Any, tmp_path: Path, args: list[str], message: str) -> None:
+    result = harden("builtin:digits-cnn", *args, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_architecture_mismatch_is_one_line(host: Any, tmp_path: Path) -> None:

@@ -29,6 +29,15 @@ def invoke(*args: str | Path) -> object:
         (["audit", "builtin:digits-cnn", "--threat", "l7"], "is not one of"),
         (["harden", "builtin:digits-cnn", "--defence", "fgsm-rs", "--eps", "1/0"], "not a number"),
         (["--plugins-dir", "/no/such/folder", "plugins"], "does not exist"),
+        (["audit", "builtin:digits-cnn", "--eps", "2"], "exceeds the input range"),
+        (["audit", "builtin:digits-cnn", "--eps", "0.1", "-o", "steps", "0"], "steps"),
+        (["audit", "builtin:digits-cnn", "--eps", "0.1", "-o", "no_such_key", "1"], "no_such_key"),
+        (["audit", "builtin:digits-cnn", "--eps", "0.1", "-o", "apgd.loss", "banana"], "banana"),
+        (["audit", "builtin:digits-cnn", "--mean", "0.5", "--std", "0"], "positive std"),
+        (["audit", "builtin:digits-cnn", "--mean", "0.5,0.5", "--std", "0.2"], "one finite value per channel"),
+        (["audit", "builtin:digits-cnn", "--device", "banana"], "is not a device"),
+        (["harden", "builtin:digits-cnn", "--defence", "fgsm-rs", "--device", "banana"], "is not a device"),
+        (["audit", "builtin:digits-cnn", "--device", "meta"], "no meta device is available"),
     ],
 )
 def test_bad_option_values_are_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:

@@ -412,8 +412,9 @@ def test_broken_images_name_the_file(host: Host, tmp_path: Path, content: bytes,
 
 def test_image_cap_follows_the_array_cap(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "images"
-    (root / "a").mkdir(parents=True)
-    (root / "a" / "big.png").write_bytes(_png(3))
-    assert load_dataset(str(root)).x.shape == (1, 1, 8, 8)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        (root / name / "big.png").write_bytes(_png(3))
+    assert load_dataset(str(root)).x.shape == (2, 1, 8, 8)
     monkeypatch.setenv(MAX_ARRAY_BYTES_ENV, str(12 * 50))  # 50 pixels of three float32 channels
     one_line_error(audit_data(root), "big.png", "64 pixels", "limit of 50 pixels", MAX_ARRAY_BYTES_ENV)

@@ -52,8 +52,10 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_options(arch: str | None, trust_code: bool, mean: str | None, std: str | None, device: str) -> Any:
+    from robustkit.environment import parse_device
     from robustkit.models.base import LoadOptions
 
+    parse_device(device)  # a misspelt device or a missing GPU: one line, before anything loads
     return LoadOptions(arch=arch, trust_code=trust_code, mean=parse_floats(mean, "--mean"),
                        std=parse_floats(std, "--std"), device=device)
 

@@ -31,6 +31,7 @@ from robustkit import distributed
 from robustkit.console import progress
 from robustkit.data import Dataset, tensors_sha256
 from robustkit.distributed import DistContext, init_distributed
+from robustkit.environment import parse_device
 from robustkit.errors import Interrupted, RobustkitError
 from robustkit.harden import checkpoint
 from robustkit.harden.augment import batch_generator, parse_augmentation
@@ -113,10 +114,8 @@ def _stop_on_signals() -> Iterator[dict[str, bool]]:
 
 def resolve_device(spec: str, world: DistContext) -> torch.device:
     """The device of this process: under torchrun, a CUDA run uses the GPU of its local rank."""
-    device = torch.device(spec)
+    device = parse_device(spec)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RobustkitError(f"--device {spec}: CUDA is not available here; use --device cpu")
         if world.enabled:  # torchrun: one GPU per local rank
             device = torch.device("cuda", world.local_rank)
         elif device.index is None:

@@ -1,5 +1,6 @@
-"""The note for a CPU job on a busy machine: torch's threads stall each other when another
-process holds a core, so the user is told to lower OMP_NUM_THREADS."""
+"""The machine a job runs on: ``--device`` parsed into one-line errors, and the note for a CPU
+job on a busy machine (torch's threads stall each other when another process holds a core,
+so the user is told to lower OMP_NUM_THREADS)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from robustkit.cli import cli
-from robustkit.environment import busy_cpu_note
+from robustkit.environment import busy_cpu_note, parse_device
+from robustkit.errors import OptionError
 from robustkit.plugin.host import Host
 
 
@@ -46,3 +48,15 @@ def test_the_cli_says_it_before_the_job(host: Host, two_cores: pytest.MonkeyPatc
     result = CliRunner().invoke(cli, args + (["--defence", "fgsm-rs"] if command == "harden" else []))
     assert result.exit_code == 1 and "does not exist" in result.output  # said before the job starts
     assert "the CPU is busy" in caplog.text and "OMP_NUM_THREADS=1" in caplog.text
+
+
+def test_a_gpu_the_machine_lacks_is_an_option_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OptionError, match="no cuda device is available here; use --device cpu"):
+        parse_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(OptionError, match="has 1 CUDA device"):
+        parse_device("cuda:3")
+    assert parse_device("cuda:0") == torch.device("cuda", 0)
+    assert parse_device("cpu") == torch.device("cpu")
