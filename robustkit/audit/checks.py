@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustkit.attacks.apgd import APGDT
 from robustkit.attacks.base import Attack
+from robustkit.attacks.fmn import FMN
+from robustkit.attacks.native import margin_loss
 from robustkit.audit.engine import Evaluation, NamedAttack
 from robustkit.models.loading import OutputCheck
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
@@ -31,6 +34,8 @@ Status = Literal["pass", "warn", "fail", "untested"]
 
 #: z of the two-sided 95% interval around chance accuracy that counts as "at chance".
 CHANCE_Z = 1.959964
+#: Accuracy above chance that the large-eps probe still counts as "about chance".
+PROBE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class CheckInputs:
     gradient_free: NamedAttack | None
     num_classes: int
     batch_size: int = 256
+    #: the attacks the audit ran (``attacks_that_ran``): the large-eps probe tries those whose
+    #: loss does not saturate before it fails
+    attacks: Sequence[NamedAttack] = ()
 
 
 def _robust_accuracy(inputs: CheckInputs, attack: Attack, threat: ThreatModel) -> Tensor:
@@ -124,23 +132,81 @@ def outputs(output_check: OutputCheck) -> Check:
     return Check("logits", "pass", f"(N, {output_check.num_classes}) finite outputs that are not probabilities")
 
 
-def gradients(model: Model, x: Tensor, y: Tensor) -> Check:
-    """Share of samples whose input gradient of the loss is zero or not finite."""
+def attacks_that_ran(suite: Sequence[NamedAttack], evaluation: Evaluation) -> list[NamedAttack]:
+    """The attacks of ``suite`` that did not fail in ``evaluation``: the audit's figures come from
+    them alone, so the checks judge and rerun only them (a failed one would raise again)."""
+    failed = {o.name for o in evaluation.outcomes if o.failed is not None}
+    return [a for a in suite if a.name not in failed]
+
+
+def saturates(attack: Attack) -> bool:
+    """Whether a gradient attack follows cross-entropy, whose gradient vanishes when the softmax
+    saturates (huge logits); a loss robustkit cannot name counts as cross-entropy. The DLR loss
+    and the C&W margin keep a gradient at any scale of the logits."""
+    if isinstance(attack, (APGDT, FMN)):  # fixed losses: the targeted DLR, the margin
+        return False
+    return getattr(attack.params, "loss", "ce") not in ("dlr", "margin")
+
+
+def _input_gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Input gradients of the margin loss (true logit minus the best other: only masking zeroes
+    it, whatever the logits' scale) and of cross-entropy (a saturated softmax zeroes it too);
+    None when the output has no graph back to the input (argmax, a detached or integer output)."""
+    device = model_device(model)
+    xg, labels = x.to(device).detach().requires_grad_(True), y.to(device)
+    with eval_mode(model), torch.enable_grad():
+        logits = model(xg).float()
+        if not logits.requires_grad:
+            return None
+        (margin,) = torch.autograd.grad(margin_loss(logits, labels).sum(), xg, retain_graph=True, allow_unused=True)
+        (ce,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), xg, allow_unused=True)
+    return None if margin is None or ce is None else (margin, ce)
+
+
+def _vanished(grad: Tensor) -> Tensor:
+    """Per sample: the gradient is zero everywhere or not finite somewhere."""
+    flat = grad.flatten(1)
+    return ~torch.isfinite(flat).all(1) | (flat.abs().amax(1) == 0)
+
+
+#: Shares of samples without an input gradient above which the gradients check fails, warns.
+GRADIENT_FAIL_SHARE, GRADIENT_WARN_SHARE = 0.10, 0.01
+
+
+def _share_status(share: float) -> Status:
+    return "fail" if share > GRADIENT_FAIL_SHARE else "warn" if share > GRADIENT_WARN_SHARE else "pass"
+
+
+def gradients(model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack]) -> Check:
+    """Share of samples whose input gradient is zero or not finite. A vanishing margin gradient
+    is masking; a vanishing cross-entropy gradient alone is a saturated softmax, which overstates
+    robustness only if every gradient attack in ``attacks`` (those the audit ran) follows
+    cross-entropy: one with a DLR or margin loss breaks such a model."""
     if not isinstance(model, nn.Module):
         return Check("gradients", "warn", "not checked: the model gives no gradients (attacked as a black box)")
-    device = model_device(model)
-    xg = x.to(device).detach().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
-        loss = F.cross_entropy(model(xg).float(), y.to(device), reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xg)
-    flat = grad.flatten(1)
-    bad = (~torch.isfinite(flat).all(1)) | (flat.abs().amax(1) == 0)
-    share = float(bad.float().mean())
-    detail = f"{share:.1%} of {len(x)} samples have a zero or non-finite input gradient"
-    if share > 0.10:
-        return Check("gradients", "fail", detail + ": gradients are masked (quantisation, saturation or a "
-                     "non-differentiable layer); trust only gradient-free attacks")
-    return Check("gradients", "warn" if share > 0.01 else "pass", detail)
+    found = _input_gradients(model, x, y)
+    if found is None:
+        return Check("gradients", "fail", f"the output does not depend differentiably on the input: no gradient at "
+                     f"all on {len(x)} samples (argmax, a detached or integer output?); gradient attacks cannot "
+                     "run: trust only gradient-free attacks")
+    masked = _vanished(found[0])
+    masked_share, ce_share = float(masked.float().mean()), float((masked | _vanished(found[1])).float().mean())
+    detail = (f"{masked_share:.1%} of {len(x)} samples have a zero or non-finite input gradient of the margin loss, "
+              f"{ce_share:.1%} of cross-entropy")
+    if _share_status(masked_share) == "fail":
+        return Check("gradients", "fail", detail + ": gradients are masked (quantisation or a non-differentiable "
+                     "layer); trust only gradient-free attacks")
+    white_box = [a for a in attacks if a.attack.needs_gradients]
+    ce_names = ", ".join(a.name for a in white_box if saturates(a.attack))
+    margin_names = ", ".join(a.name for a in white_box if not saturates(a.attack))
+    if not ce_names or _share_status(ce_share - masked_share) == "pass":
+        return Check("gradients", _share_status(masked_share), detail)
+    if not margin_names:
+        return Check("gradients", _share_status(ce_share), detail + f": the softmax saturates; the cross-entropy "
+                     f"attacks ({ce_names}) get no gradient there and no gradient attack of the audit has a DLR or "
+                     "margin loss, so robust accuracy may be overstated: add robustkit:apgd-t or -o apgd.loss dlr")
+    return Check("gradients", "warn", detail + f": the softmax saturates; the cross-entropy attacks ({ce_names}) "
+                 f"get no gradient there; {margin_names} (DLR or margin loss) are not affected")
 
 
 def iterative_vs_fgsm(inputs: CheckInputs) -> Check:
@@ -205,7 +271,10 @@ def monotone_in_eps(inputs: CheckInputs) -> Check:
 
 
 def large_eps_probe(inputs: CheckInputs) -> Check:
-    """At linf eps = half the input range every model should be at about chance."""
+    """At linf eps = half the input range every model should be at about chance. When the
+    strongest attack stays above, the audit's gradient attacks whose loss does not saturate
+    (DLR, margin) attack what it left: a saturated softmax stops cross-entropy, not them, so
+    the probe fails only when none of them reaches chance either."""
     named = _strongest(inputs)
     if named is None:
         return Check("large-eps probe", "warn", "not checked: no iterative or gradient-free attack in the suite")
@@ -213,10 +282,22 @@ def large_eps_probe(inputs: CheckInputs) -> Check:
     probe = ThreatModel(Norm.LINF, 0.5 * (high - low), inputs.threat.bounds)
     if Norm.LINF not in named.attack.norms:
         return Check("large-eps probe", "warn", f"not checked: {named.name} has no linf mode")
-    accuracy = float(_robust_accuracy(inputs, named.attack, probe).float().mean())
     chance = 1.0 / inputs.num_classes
-    detail = f"{named.name} at linf {eps_text(probe.eps)} leaves {accuracy:.1%} accuracy (chance {chance:.1%})"
-    if accuracy <= chance + 0.05:
+    others = [a for a in inputs.attacks if a.name != named.name and named.attack.needs_gradients
+              and a.attack.needs_gradients and not saturates(a.attack) and Norm.LINF in a.attack.norms]
+    standing = _robust_accuracy(inputs, named.attack, probe).cpu()
+    accuracy = float(standing.float().mean())
+    detail = f"{named.name} at linf {eps_text(probe.eps)} leaves {accuracy:.1%} accuracy"
+    for other in others:
+        if accuracy <= chance + PROBE_MARGIN:
+            break
+        index = standing.nonzero().squeeze(1)
+        standing[index] = _standing(inputs.model, inputs.x[index], inputs.y[index], other.attack, probe,
+                                    inputs.batch_size).cpu()
+        accuracy = float(standing.float().mean())
+        detail += f", then {other.name} {accuracy:.1%}"
+    detail += f" (chance {chance:.1%})"
+    if accuracy <= chance + PROBE_MARGIN:
         return Check("large-eps probe", "pass", detail)
     return Check("large-eps probe", "fail" if accuracy > 0.5 else "warn",
                  detail + ": an unbounded attacker should win; gradients are likely masked")

@@ -1,11 +1,13 @@
 """Two audits side by side: robust accuracy per eps, the difference and whether it is
 significant, the checks that changed status, and a plot of both curves.
 
-A difference is only meaningful between audits of the same data, threat and suite, so
-``compare_reports`` refuses others (``AuditsDiffer``) unless forced. The test is McNemar's exact
-test where both audits' per-sample results exist (``per_sample.csv`` beside ``report.json``, or
-``Evaluation.worst_broken_at()``) and agree with their reports: the samples are the same, so the
-test is paired and counts only the samples on which the two models disagree. Otherwise it is the
+A difference is only meaningful between audits of the same data, threat and attacks, run with
+the same parameters (``results[].params``: ``-o`` may weaken a suite), so ``compare_reports``
+refuses others (``AuditsDiffer``) unless forced; forced, it says loudly when the attack budgets
+differ. The test is McNemar's exact test where both audits' per-sample results exist
+(``per_sample.csv`` beside ``report.json``, or ``Evaluation.worst_broken_at()``) and agree with
+their reports: the samples are the same, so the test is paired and counts only the samples on
+which the two models disagree. Otherwise it is the
 two-proportion z-test on the two accuracies, which ignores the pairing and so is conservative.
 Each row says which test it used.
 """
@@ -30,12 +32,17 @@ ALPHA = 0.05
 #: Relative slack when matching eps across reports and per-sample files: they store eps as
 #: float32 or to 6 digits; audited eps lie much further apart.
 EPS_TOLERANCE = 1e-4
+#: Attack parameters that differ between runs of one audit (``--seed``), not in what it measures.
+RUN_PARAMETERS = frozenset({"seed"})
+#: How ``_differences`` begins its phrases about the attacks (``Comparison.mixed_budgets``).
+ATTACK_DIFFERENCES = ("suite", "attack parameters")
 MCNEMAR = "McNemar exact (paired)"
 TWO_PROPORTION = "two-proportion z (unpaired)"
 
 
 class AuditsDiffer(RobustkitError):
-    """Audits of different data, threat or suite: their figures measure different things."""
+    """Audits of different data, threat, attacks or attack parameters: their figures measure
+    different things."""
 
     exit_code = 2
 
@@ -125,16 +132,28 @@ class Comparison:
     n: tuple[int, int]
     rows: tuple[Row, ...]  #: clean first, then each eps of either audit, ascending
     checks: tuple[CheckChange, ...]  #: checks whose status changed
-    differences: tuple[str, ...]  #: what differs in data, threat or suite (only when forced)
+    differences: tuple[str, ...]  #: what differs in data, threat or attacks (only when forced)
     pairing: str  #: whether the per-sample results paired the samples (McNemar), or why not
+
+    @property
+    def mixed_budgets(self) -> str | None:
+        """The warning that leads the conclusion when the two audits ran other attacks or other
+        attack parameters (forced): a difference may be the attacks', not the models'."""
+        mixed = [d for d in self.differences if d.startswith(ATTACK_DIFFERENCES)]
+        if not mixed:
+            return None
+        return (f"WARNING: this comparison mixes attack budgets ({'; '.join(mixed)}): a difference, significant "
+                "or not, may come from the attacks rather than the models")
 
     def lines(self) -> list[str]:
         """The conclusion in words: what is significant, what differs, what weakens the figures."""
         better = [f"{r.name} ({_points(r.difference)})" for r in self.rows if r.significant]
-        lines = [f"significant differences (B - A, alpha {ALPHA}): {', '.join(better)}" if better
-                 else f"no significant difference at any eps (alpha {ALPHA})"]
+        lines = [self.mixed_budgets] if self.mixed_budgets else []
+        lines.append(f"significant differences (B - A, alpha {ALPHA}): {', '.join(better)}" if better
+                     else f"no significant difference at any eps (alpha {ALPHA})")
         lines.append(f"per-sample results: {self.pairing}")
-        lines += [f"compared although they differ: {d}" for d in self.differences]
+        lines += [f"compared although they differ: {d}" for d in self.differences
+                  if not d.startswith(ATTACK_DIFFERENCES)]  # those lead, in mixed_budgets
         lines += [f"{side.label}: {side.verdict}" for side in (self.a, self.b) if side.trust not in ("pass", "")]
         return lines
 
@@ -148,8 +167,8 @@ class Comparison:
 def compare_reports(a: Audit, b: Audit, *, force: bool = False) -> Comparison:
     """Compare audit ``b`` with audit ``a`` (differences are b - a).
 
-    Raises ``AuditsDiffer``, one line naming what differs, for audits of different data, threat
-    or suite, unless ``force``: the rows then cover the eps of either audit.
+    Raises ``AuditsDiffer``, one line naming what differs, for audits of different data, threat,
+    attacks or attack parameters, unless ``force``: the rows then cover the eps of either audit.
     """
     differences = tuple(_differences(a.report, b.report))
     if differences and not force:
@@ -196,7 +215,19 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     attacks_a, attacks_b = a["config"].get("attacks"), b["config"].get("attacks")
     if suite_a != suite_b or attacks_a != attacks_b:
         found.append(f"suite ({suite_a}: {', '.join(attacks_a or [])} vs {suite_b}: {', '.join(attacks_b or [])})")
+    params_a, params_b = _attack_params(a), _attack_params(b)
+    changed = [f"{attack} {key} {params_a[attack].get(key)} vs {params_b[attack].get(key)}"
+               for attack in params_a if attack in params_b
+               for key in sorted((set(params_a[attack]) | set(params_b[attack])) - RUN_PARAMETERS)
+               if params_a[attack].get(key) != params_b[attack].get(key)]
+    if changed:
+        found.append(f"attack parameters ({'; '.join(changed)})")
     return found
+
+
+def _attack_params(report: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The parameters each attack ran with, as its result rows record them."""
+    return {row["attack"]: row.get("params", {}) for row in report["results"]}
 
 
 def _eps_list(threat: Mapping[str, Any]) -> list[float]:

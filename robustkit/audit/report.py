@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from robustkit.audit.checks import Check
+from robustkit.audit.suites import SuiteChange
 from robustkit.errors import RobustkitError
 from robustkit.io import write_set
 from robustkit.threat import TRAINING_EPS, Norm, eps_text
@@ -132,7 +133,8 @@ class SuiteAttackRecord:
 
 @dataclass(frozen=True)
 class SuiteRecord:
-    """The attack suite the audit ran (``Suite.describe()``, or "custom" for --attack)."""
+    """The attack suite the audit ran (``Suite.describe()``, or "custom" for --attack): the suite's
+    own settings, and apart from them what ``-o`` changed (``modified``), so that neither hides."""
 
     name: str
     summary: str
@@ -140,6 +142,8 @@ class SuiteRecord:
     attacks: tuple[SuiteAttackRecord, ...]
     #: the further keys of ``Suite.describe()``, written as given after ``attacks``
     more: Mapping[str, Any] = field(default_factory=dict)
+    #: the suite attacks' parameters that this audit ran with other values than the suite's
+    modified: tuple[SuiteChange, ...] = ()
 
     @classmethod
     def from_mapping(cls, described: Mapping[str, Any]) -> SuiteRecord:
@@ -148,9 +152,17 @@ class SuiteRecord:
         return cls(described["name"], described["summary"], described["caveat"],
                    tuple(SuiteAttackRecord(a["name"], a["settings"]) for a in described["attacks"]), more)
 
+    @property
+    def label(self) -> str:
+        """The suite as the headline names it: "default", or "default, modified (apgd.steps 50 -> 1)"."""
+        if not self.modified:
+            return self.name
+        return f"{self.name}, modified ({', '.join(c.text() for c in self.modified)})"
+
     def to_json_dict(self) -> dict[str, Any]:
         return {"name": self.name, "summary": self.summary, "caveat": self.caveat,
-                "attacks": [a.to_json_dict() for a in self.attacks], **_plain(self.more)}
+                "attacks": [a.to_json_dict() for a in self.attacks], **_plain(self.more),
+                "modified": [c.to_json_dict() for c in self.modified]}
 
 
 @dataclass(frozen=True)
@@ -210,6 +222,9 @@ class AuditReport:
     sections: tuple[Section, ...] = ()
     #: what ran differently from "every attack on every standing sample at every eps" (shortcuts)
     notes: tuple[str, ...] = ()
+    #: why an incomplete audit stopped when an error stopped it (its type and first line); None
+    #: when it ran through or was interrupted (Ctrl-C)
+    failure: str | None = None
 
     @property
     def summary(self) -> Summary:
@@ -239,6 +254,7 @@ class AuditReport:
             "config": self.config.to_json_dict(),
             "sections": [s.to_json_dict() for s in self.sections],
             "notes": list(self.notes),
+            "failure": self.failure,
             "summary": self.summary.to_json_dict(),
         }
 
@@ -292,15 +308,20 @@ def summarize(report: AuditReport) -> Summary:
     """The report's headline (``AuditReport.summary``)."""
     trust, verdict = _verdict(report)
     rows = tuple(sorted(report.worst_case, key=lambda r: r.eps))
-    return Summary(trust, verdict, report.config.suite.name, report.threat.norm, report.n, report.clean_accuracy,
+    return Summary(trust, verdict, report.config.suite.label, report.threat.norm, report.n, report.clean_accuracy,
                    rows, _badge(report, rows))
+
+
+def _stopped(report: AuditReport) -> str:
+    """How an incomplete audit ended: interrupted (Ctrl-C), or failed and why."""
+    return "was interrupted" if report.failure is None else f"failed ({report.failure})"
 
 
 def _verdict(report: AuditReport) -> tuple[Trust, str]:
     """How far to trust the figures, in one line that names what weakens them first."""
     parts = []
     if not report.complete:
-        parts.append("INCOMPLETE: the audit was interrupted, so the figures cover only what was computed")
+        parts.append(f"INCOMPLETE: the audit {_stopped(report)}, so the figures cover only what was computed")
     if report.config.suite.caveat:
         parts.append(report.config.suite.caveat)
     named = {status: ", ".join(c.name for c in report.checks if c.status == status)
@@ -334,8 +355,9 @@ def _badge(report: AuditReport, rows: tuple[WorstCaseRow, ...]) -> Badge:
     usual = TRAINING_EPS.get(report.threat.norm)  # type: ignore[call-overload]  # None for a norm such as 'edits'
     row = next((r for r in rows if usual is not None and math.isclose(r.eps, usual * (high - low), rel_tol=1e-5)),
                rows[-1])
+    suite = report.config.suite
     marks = [mark for mark, on in (("incomplete", not report.complete),
-                                   (report.config.suite.name, bool(report.config.suite.caveat)),
+                                   (f"{suite.name} modified" if suite.modified else suite.name, bool(suite.caveat)),
                                    ("checks failed", any(c.status == "fail" for c in report.checks))) if on]
     value = f"{math.floor(100 * row.robust_accuracy + 1e-9)}%" + (f" ({', '.join(marks)})" if marks else "")
     colour = BADGE_GREY if marks else next(c for share, c in BADGE_COLOURS if row.robust_accuracy >= share)
@@ -429,7 +451,8 @@ def plot_png(report: AuditReport) -> bytes:
     if ax.get_legend_handles_labels()[0]:  # nothing to label when no attack ran; beside the plot, off the points
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     scope = "\ncascade: each line includes the attacks before it" if report.mode == "cascade" else ""
-    ax.set_title(("INCOMPLETE (interrupted): " if not report.complete else "") + "robust accuracy against eps"
+    ended = "failed" if report.failure else "interrupted"
+    ax.set_title((f"INCOMPLETE ({ended}): " if not report.complete else "") + "robust accuracy against eps"
                  + scope, fontsize=9, color="black" if report.complete else "#b42318")
     buffer = io.BytesIO()
     fig.tight_layout()
@@ -459,7 +482,7 @@ def _certification_line(report: AuditReport) -> str:
 def _banners(report: AuditReport) -> list[tuple[str, str]]:
     banners = []
     if not report.complete:
-        banners.append(("fail", "This audit was interrupted: the numbers cover only what was computed."))
+        banners.append(("fail", f"This audit {_stopped(report)}: the numbers cover only what was computed."))
     caveat = report.config.suite.caveat
     if caveat:
         banners.append(("warn", caveat))

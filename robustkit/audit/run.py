@@ -3,7 +3,8 @@
 Loads the model and data safely, picks the attack suite (``robustkit.audit.suites``; the
 default: FGSM, APGD-CE, APGD-T with the DLR loss, FMN and Square), runs the evaluation engine,
 runs the sanity checks and writes the report. Partial results are written after every
-(attack, eps), so Ctrl-C or a crash leaves a valid report marked incomplete.
+(attack, eps), so Ctrl-C leaves a valid report marked incomplete, and a failure one that also
+says which error stopped it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import difflib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +38,7 @@ from robustkit.audit.report import (
     accuracy_ci,
     write_report,
 )
-from robustkit.audit.suites import Suite, get_suite
+from robustkit.audit.suites import Suite, SuiteChange, get_suite
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.environment import environment
@@ -150,18 +152,42 @@ def plan_suite(config: AuditConfig, white_box: bool) -> tuple[list[NamedAttack],
     if len(set(names)) != len(names):
         raise RobustkitError("the same attack is named twice")
     routed = _split_options(config.options, names)
-    suite = []
-    for entry, suite_settings in entries:
-        fields = _fields(entry.obj)
-        settings: dict[str, Any] = dict(suite_settings)
-        for key, value in (("precision", config.precision), ("seed", config.seed)):
-            if key in fields:
-                settings[key] = value
-        settings.update(routed[entry.qualified_name])
-        attack = entry.obj(coerce(entry.obj.Params, settings, owner=entry.qualified_name))
-        suite.append(NamedAttack(entry.qualified_name, attack))
+    suite = [NamedAttack(entry.qualified_name, entry.obj(_params(entry, suite_settings, config,
+                                                                 routed[entry.qualified_name])))
+             for entry, suite_settings in entries]
     # Cheap first; gradient-free attacks last, so they run on what the gradients left standing.
     return sorted(suite, key=lambda a: (not a.attack.needs_gradients, 0 if "fgsm" in a.name else 1)), note
+
+
+def _params(entry: Entry[Any], settings: Mapping[str, Any], config: AuditConfig,
+            options: Mapping[str, str] | None = None) -> Any:
+    """``entry``'s Params: ``settings`` (a suite's), the audit's precision and seed where the attack
+    takes them, then ``options`` (its ``-o``)."""
+    fields = _fields(entry.obj)
+    merged = dict(settings)
+    for key, value in (("precision", config.precision), ("seed", config.seed)):
+        if key in fields:
+            merged[key] = value
+    merged.update(options or {})
+    return coerce(entry.obj.Params, merged, owner=entry.qualified_name)
+
+
+def _suite_changes(config: AuditConfig, suite: Sequence[NamedAttack]) -> list[SuiteChange]:
+    """The parameters of the named suite's attacks that ran (``suite``) with other values than
+    the suite's (``-o``); none for --attack, which names no suite to differ from."""
+    if config.attacks:
+        return []
+    ran = {a.name: a.attack.params for a in suite}
+    changes = []
+    for planned in get_suite(config.suite).attacks:
+        entry = get_host().attacks.resolve(planned.name)
+        if entry.qualified_name not in ran:
+            continue  # left out (another norm, a black-box model): said by left_out_note or the checks
+        own = dataclasses.asdict(_params(entry, planned.settings, config))
+        used = dataclasses.asdict(ran[entry.qualified_name])
+        changes += [SuiteChange(entry.qualified_name, key, value, used[key])
+                    for key, value in own.items() if used[key] != value]
+    return changes
 
 
 def left_out_note(spec: Suite, entries: Sequence[Entry[Any]], norm: Norm) -> str | None:
@@ -180,7 +206,7 @@ def build_report(config: AuditConfig, loaded: LoadedModel, data: Dataset, evalua
     """The image audit's ``assemble_report``, without plugin sections (they are given this
     report to read; ``_run_audit`` adds what they return)."""
     return assemble_report(config, loaded, evaluation, found_checks, started, norm=config.norm.value,
-                           bounds=data.bounds, data=data.describe(), suite=_suite_description(config),
+                           bounds=data.bounds, data=data.describe(), suite=_suite_description(config, suite),
                            attacks={a.name: a.attack.needs_gradients for a in suite}, notes=notes)
 
 
@@ -255,14 +281,46 @@ def worst_case_rows(norm: str, evaluation: Evaluation) -> tuple[WorstCaseRow, ..
     return tuple(rows)
 
 
-def partial_saver(out: Path | None, build: Callable[[Evaluation], AuditReport]) -> Callable[[Evaluation], None]:
+@dataclass
+class PartialSaver:
     """An ``on_result`` for an audit that writes to ``out`` (None: it writes nothing): the report
     ``build`` makes of the evaluation so far, marked incomplete, as report.json (one atomic set),
-    so that Ctrl-C or a crash leaves a valid partial report."""
-    def save(evaluation: Evaluation) -> None:
-        if out is not None:
-            write_report(build(dataclasses.replace(evaluation, interrupted=True)), out, render=False)
-    return save
+    so that Ctrl-C leaves a valid partial report; ``failed`` rewrites it to say that an error
+    stopped the audit, and which, rather than an interruption."""
+
+    out: Path | None
+    build: Callable[[Evaluation], AuditReport]
+    last: Evaluation | None = None  #: what the engine last reported (it updates it in place)
+
+    def __call__(self, evaluation: Evaluation) -> None:
+        self.last = evaluation
+        self._write(None)
+
+    def failed(self, err: Exception) -> None:
+        text = str(err).strip().splitlines()
+        failure = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+        if self._write(failure):
+            log.error("the audit failed (%s); %s holds what it computed, marked so", failure, self.out)
+
+    def _write(self, failure: str | None) -> bool:
+        """Write the partial report, unless there is nowhere to or nothing yet; whether it did."""
+        if self.out is None or self.last is None:
+            return False
+        report = self.build(dataclasses.replace(self.last, interrupted=True))
+        write_report(dataclasses.replace(report, failure=failure), self.out, render=False)
+        return True
+
+
+#: The partial saver of the audit running in this context, whichever made it (robustkit's image
+#: audit, or a plugin's ``robustkit_audit_job``): ``run_audit_report`` tells it of a failure.
+_saver: ContextVar[PartialSaver | None] = ContextVar("robustkit_partial_saver", default=None)
+
+
+def partial_saver(out: Path | None, build: Callable[[Evaluation], AuditReport]) -> PartialSaver:
+    """The audit's ``PartialSaver``, which a failure of the audit rewrites (``run_audit_report``)."""
+    saver = PartialSaver(out, build)
+    _saver.set(saver)
+    return saver
 
 
 def sanity_checks(config: AuditConfig, evaluation: Evaluation,
@@ -282,12 +340,16 @@ def sanity_checks(config: AuditConfig, evaluation: Evaluation,
             "to the end, so gradient masking was not looked for")]
 
 
-def _suite_description(config: AuditConfig) -> SuiteRecord:
+def _suite_description(config: AuditConfig, suite: Sequence[NamedAttack]) -> SuiteRecord:
+    """The suite's record: its own settings, and what ``-o`` changed in the attacks that ran."""
     if config.attacks:
         return SuiteRecord("custom", "the attacks named with --attack", "",
                            tuple(SuiteAttackRecord(name, {}) for name in config.attacks),
                            {"gradient_free_shortcut": False})  # the attacks asked for, on every sample
-    return SuiteRecord.from_mapping(get_suite(config.suite).describe())
+    spec = get_suite(config.suite)
+    changes = _suite_changes(config, suite)
+    return dataclasses.replace(SuiteRecord.from_mapping(spec.describe()), caveat=spec.caveat_for(changes),
+                               modified=tuple(changes))
 
 
 def _certified(evaluation: Evaluation, eps: float) -> tuple[float | None, tuple[float, float] | None]:
@@ -321,21 +383,22 @@ def _pick(suite: list[NamedAttack], predicate: Any, *, first: bool = False) -> N
 def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation, suite: list[NamedAttack],
                output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
     x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
+    ran = checks.attacks_that_ran(suite, evaluation)  # a failed attack would fail again in a check
     eps = sorted(evaluation.eps)
     # Checks that compare attacks run where samples break: at an eps where nothing breaks
     # (or everything does) they compare nothing and would pass.
     informative = checks.informative_eps(evaluation)
     middle = informative if informative is not None else (eps[len(eps) // 2] if eps else 0.0)
-    fgsm = _pick(suite, lambda a: a.attack.needs_gradients and a.name.endswith(":fgsm"))
+    fgsm = _pick(ran, lambda a: a.attack.needs_gradients and a.name.endswith(":fgsm"))
     # the first eps-bounded iterative attack (APGD in the suites): checks rerun it with other
     # settings, which a minimum-norm search (FMN) answers only at many times the cost
-    iterative = _pick(suite, lambda a: a.attack.needs_gradients and not a.name.endswith(":fgsm")
+    iterative = _pick(ran, lambda a: a.attack.needs_gradients and not a.name.endswith(":fgsm")
                       and not a.attack.minimum_norm, first=True)
-    free = _pick(suite, lambda a: not a.attack.needs_gradients)
+    free = _pick(ran, lambda a: not a.attack.needs_gradients)
     inputs = checks.CheckInputs(model, x_sub, y_sub, ThreatModel(config.norm, middle, data.bounds), eps,
-                                fgsm, iterative, free, num_classes, config.batch_size)
+                                fgsm, iterative, free, num_classes, config.batch_size, ran)
     found = [checks.determinism(model, data.x), checks.outputs(output_check),
-             checks.gradients(model, x_sub, y_sub), checks.validity(evaluation),
+             checks.gradients(model, x_sub, y_sub, ran), checks.validity(evaluation),
              checks.certificates_hold(model, data.x, data.y, evaluation, iterative, config.check_samples,
                                       config.batch_size),
              checks.gradient_free_vs_white_box(evaluation, {a.name for a in suite if not a.attack.needs_gradients}),
@@ -361,7 +424,22 @@ def run_audit_report(config: AuditConfig) -> AuditReport:
         if config.out is None or not dist_ctx.is_main:
             return _run_audit(config, dist_ctx)
         with folder_lock(config.out, "robustkit audit"):
-            return _run_audit(config, dist_ctx)
+            return _failure_reported(config, dist_ctx)
+
+
+def _failure_reported(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
+    """``_run_audit``; should it fail, its partial report says so, and why, before the error goes on
+    (an interruption is no error: the engine and the checks catch it and the report says so)."""
+    token = _saver.set(None)
+    try:
+        return _run_audit(config, dist_ctx)
+    except Exception as err:
+        saver = _saver.get()
+        if saver is not None:
+            saver.failed(err)
+        raise
+    finally:
+        _saver.reset(token)
 
 
 def _with_sections(report: AuditReport, started: float) -> AuditReport:

@@ -19,10 +19,14 @@ a larger ball (``robustkit.audit.engine``). It spends one query budget per robus
 of one per eps, and may miss a break random search would have found in the smaller ball, so
 the report says what was skipped. On in ``default`` and ``quick``; never in ``autoattack``,
 whose numbers must be comparable with AutoAttack's (Square at every eps on every survivor).
+
+``-o`` may change a suite attack's parameters: the report then names the suite modified and
+lists each change (``SuiteChange``); one that lowers a budget (``BUDGETS``) makes the audit
+weaker than the suite's name promises, which the caveat says (``Suite.caveat_for``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,37 @@ from robustkit.errors import RobustkitError
 class SuiteAttack:
     name: str  #: registry name, e.g. ``robustkit:apgd``
     settings: Mapping[str, Any] = field(default_factory=dict)  #: Params overrides
+
+
+#: Parameters that size an attack's search: a smaller value is a weaker attack.
+BUDGETS = frozenset({"steps", "queries", "restarts", "n_target_classes", "classes"})
+
+
+@dataclass(frozen=True)
+class SuiteChange:
+    """A suite attack's parameter that ``-o`` set away from the suite's value."""
+
+    attack: str  #: qualified name, e.g. ``robustkit:apgd``
+    parameter: str
+    suite: Any  #: the value the suite runs the attack with
+    used: Any  #: the value this audit ran it with
+
+    @property
+    def name(self) -> str:
+        """``apgd.steps``: as ``-o`` names it."""
+        return f"{self.attack.rpartition(':')[2]}.{self.parameter}"
+
+    @property
+    def weakens(self) -> bool:
+        """Whether the change lowers a budget, so the attack searches less than the suite's."""
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.suite, self.used))
+        return self.parameter in BUDGETS and numbers and self.used < self.suite
+
+    def text(self) -> str:
+        return f"{self.name} {self.suite} -> {self.used}"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"attack": self.attack, "parameter": self.parameter, "suite": self.suite, "used": self.used}
 
 
 @dataclass(frozen=True)
@@ -49,6 +84,16 @@ class Suite:
         return {"name": self.name, "summary": self.summary, "caveat": self.caveat,
                 "attacks": [{"name": a.name, "settings": dict(a.settings)} for a in self.attacks],
                 "gradient_free_shortcut": self.gradient_free_shortcut}
+
+    def caveat_for(self, changes: Sequence[SuiteChange]) -> str:
+        """The caveat of the suite run with ``changes``: its own, and, where they lower a budget,
+        that the audit is weaker than the suite (its figures overstate the robustness)."""
+        weaker = [c.name for c in changes if c.weakens]
+        if not weaker:
+            return self.caveat
+        smaller = (f"suite {self.name} with smaller budgets ({', '.join(weaker)}): weaker attacks than the "
+                   "suite's, not a robustness claim (run without those -o options)")
+        return "; ".join(filter(None, (self.caveat, smaller)))
 
 
 SUITES: dict[str, Suite] = {

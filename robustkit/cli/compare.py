@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Write comparison.json and comparison.png to DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON document.")
-@click.option("--force", is_flag=True, help="Compare audits of different data, threat or suite anyway.")
+@click.option("--force", is_flag=True,
+              help="Compare audits of different data, threat, attacks or attack parameters anyway.")
 def compare(a: Path, b: Path, out: Path | None, as_json: bool, force: bool) -> None:
     """Compare audit B with audit A (report.json, or the folder holding it): robust accuracy per eps,
     the difference B - A and its significance, and the checks that changed status."""
@@ -60,4 +61,5 @@ def print_comparison(comparison: Comparison, out: Path | None) -> None:
     if out is not None:
         stdout.print(f"comparison written to {out}/comparison.png (and comparison.json)")
     for line in comparison.lines():
-        stdout.print(f"[bold]{escape(line)}[/]")
+        style = "bold red" if line == comparison.mixed_budgets else "bold"  # mixed budgets: loud
+        stdout.print(f"[{style}]{escape(line)}[/]")

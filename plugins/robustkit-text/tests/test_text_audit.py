@@ -81,7 +81,9 @@ def test_text_report_comes_from_the_core_builder(trained_model: Path, data_folde
 
 
 def test_quiet_transformers_turns_what_matters_into_notes() -> None:
-    library = logging.getLogger("transformers")
+    from transformers.utils import logging as hf_logging
+
+    library = hf_logging.get_logger("transformers")  # configured on first use: the state to restore is after that
     before = (library.handlers[:], library.level, library.propagate)
     with quiet_transformers() as notes:
         logging.getLogger("transformers.modeling_utils").warning(
