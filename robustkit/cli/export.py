@@ -50,6 +50,8 @@ def export(model: str, arch: str | None, trust_code: bool, mean: str | None, std
 
 
 def print_result(result: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     from robustkit.console import stdout
 
     checks, details = result["checks"], result["details"]
@@ -67,16 +69,24 @@ def print_result(result: dict[str, Any]) -> None:
                  f"{', '.join(map(str, checks['batch_sizes']))}{lengths}; "
                  f"argmax agreement {100 * checks['argmax_agreement']:.0f}%")
     if "parity_attack" in checks:  # an image export's
-        stdout.print(f"  adversarial parity ({checks['parity_attack']}): robust accuracy "
-                     f"{100 * checks['robust_accuracy_torch']:.1f}% torch vs "
-                     f"{100 * checks['robust_accuracy_exported']:.1f}% exported "
-                     f"(gap {100 * checks['parity_gap']:.2f} points)")
+        figures = (f"robust accuracy {100 * checks['robust_accuracy_torch']:.1f}% torch vs "
+                   f"{100 * checks['robust_accuracy_exported']:.1f}% exported")
+        if checks.get("parity_broken") == 0:  # both ran inputs that fool neither: nothing was compared
+            stdout.print(f"  adversarial parity ({checks['parity_attack']}) [yellow]untested: the attack broke no "
+                         f"sample[/] ({figures})")
+        else:
+            stdout.print(f"  adversarial parity ({checks['parity_attack']}): {figures} "
+                         f"(gap {100 * checks['parity_gap']:.2f} points)")
     robustness = result["metadata"].get("robustness")
     if robustness:
         norm = robustness["threat"]["norm"]
         worst = ", ".join(f"{100 * r['robust_accuracy']:.1f}% at {norm} eps {r['eps']:g}"
                           for r in robustness["worst_case"])
-        stdout.print(f"  embedded robustness ({robustness['source']}): "
+        suite = f", suite {robustness['suite']['name']}" if robustness.get("suite", {}).get("name") else ""
+        stdout.print(f"  embedded robustness ({robustness['source']}{suite}): "
                      f"clean {100 * robustness['clean_accuracy']:.1f}%, worst case {worst}")
+        for caveat in robustness.get("caveats", []):  # embedded beside the figures (export/run.py)
+            style = "bold red" if caveat["level"] == "fail" else "yellow"
+            stdout.print(f"    [{style}]{escape(caveat['text'])}[/]")
     for warning in result["warnings"]:
         stdout.print(f"[yellow]warning[/] {warning}")

@@ -10,13 +10,18 @@ are deployed (``load``). What every export must guarantee is done once, here, fo
   place only after verification passed, so a failed export leaves no file behind;
 - verification runs the written file on real data: outputs against torch at batch sizes 1
   and an odd size (max abs difference, argmax agreement must be 100%), then adversarial
-  examples crafted on the torch model must give the same robust accuracy (within 0.5 points);
-- provenance and the robustness summary travel inside the file as JSON (``metadata``).
+  examples crafted on the torch model must give the same robust accuracy (within 0.5 points),
+  a comparison said to be untested when the attack broke no sample;
+- provenance and the robustness summary travel inside the file as JSON (``metadata``), with
+  what weakens the figures beside them (``caveats``: a quick suite, a modified suite, failed
+  checks). Failed checks mark the figures, as ``audit`` does, rather than stop the export: the
+  quick summary without a report runs the audit's cheap gradient-masking checks for this.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -36,9 +41,11 @@ from robustkit.errors import RobustkitError
 from robustkit.models.base import LoadOptions
 from robustkit.modules import Model, eval_mode, model_device, predict_logits
 from robustkit.params import Configurable, coerce
-from robustkit.threat import TRAINING_EPS, Norm, ThreatModel
+from robustkit.threat import TRAINING_EPS, Norm, ThreatModel, eps_text
 
 if TYPE_CHECKING:
+    from robustkit.audit.checks import Check
+    from robustkit.audit.engine import Evaluation, NamedAttack
     from robustkit.harden.base import DefenceResult
 
 #: Metadata key under which every exporter stores the JSON document.
@@ -142,13 +149,18 @@ def verify_export(runtime: Model, model: nn.Module, x: Tensor, y: Tensor, threat
 
 def adversarial_parity(runtime: Model, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                        batch_size: int = 256) -> dict[str, Any]:
-    """Robust accuracy of torch-crafted PGD examples under torch and under the runtime."""
+    """Robust accuracy of torch-crafted PGD examples under torch and under the runtime.
+
+    ``parity_broken`` counts the samples the attack broke under torch: at 0 the two were
+    compared on inputs that fool neither, and the parity says nothing (``print_result``).
+    """
     from robustkit.plugin.host import get_host
 
     attack = get_host().attacks.resolve(PARITY_ATTACK).obj()
     device = model_device(model)
     x_adv = torch.cat([attack(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device),
                               threat=threat).x_adv.cpu() for i in range(0, len(x), batch_size)])
+    clean_right = predict_logits(model, x).argmax(1).cpu() == y
     torch_pred = predict_logits(model, x_adv).argmax(1).cpu()
     with torch.no_grad():
         runtime_pred = torch.cat([runtime(x_adv[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
@@ -163,6 +175,7 @@ def adversarial_parity(runtime: Model, model: nn.Module, x: Tensor, y: Tensor, t
         )
     return {"parity_attack": f"{PARITY_ATTACK} at {threat}", "robust_accuracy_torch": torch_acc,
             "robust_accuracy_exported": runtime_acc, "parity_gap": gap,
+            "parity_broken": int((clean_right & (torch_pred != y)).sum()),
             "adversarial_argmax_agreement": float((torch_pred == runtime_pred).float().mean())}
 
 
@@ -214,8 +227,37 @@ def export_model(model: nn.Module, exporter: Exporter, path: Path, *, x: Tensor,
     return result
 
 
+def _suite_changes(modified: Any) -> str:
+    """A report's ``config.suite.modified`` as the audit's headline writes it (``apgd.steps 50 -> 1``)."""
+    from robustkit.audit.suites import SuiteChange
+
+    try:
+        return ", ".join(SuiteChange(**change).text() for change in modified)
+    except TypeError:  # a record of another shape (an older or newer report): as written
+        return json.dumps(modified)
+
+
+def robustness_caveats(suite: dict[str, Any], checks: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """What weakens the embedded figures, each with a level ("fail" or "warn"): the suite's
+    caveat, a modified suite, failed and warning checks. They travel in the metadata next to
+    the figures, so that no copy of the file shows the figures without them."""
+    found = [{"level": "warn", "text": suite["caveat"]}] if suite.get("caveat") else []
+    if suite.get("modified"):
+        found.append({"level": "warn", "text": f"the {suite.get('name')} suite was modified "
+                      f"({_suite_changes(suite['modified'])})"})
+    named = {status: ", ".join(c["name"] for c in checks if c.get("status") == status) for status in ("fail", "warn")}
+    if named["fail"]:
+        found.append({"level": "fail", "text": f"FAILED checks ({named['fail']}): the attacks were likely fooled (e.g. "
+                      "gradient masking), so the robust accuracy is an upper bound, not a robustness claim"})
+    if named["warn"]:
+        found.append({"level": "warn", "text": f"check warnings ({named['warn']}): read their details before "
+                      "relying on the figures"})
+    return found
+
+
 def robustness_from_report(report: dict[str, Any], sha256: str) -> dict[str, Any]:
-    """The robustness summary of an audit report (``report.json``) about this very model."""
+    """The robustness summary of an audit report (``report.json``) about this very model, with
+    the suite's caveat and the checks that failed."""
     if report.get("model", {}).get("sha256") != sha256:
         raise RobustkitError(
             f"the report describes a model with sha256 {str(report.get('model', {}).get('sha256'))[:12]}..., "
@@ -223,12 +265,17 @@ def robustness_from_report(report: dict[str, Any], sha256: str) -> dict[str, Any
         )
     if not report.get("complete", False):
         raise RobustkitError("the report is from an interrupted audit; rerun the audit to completion")
+    config = report.get("config", {})
+    described = config.get("suite", {})
+    suite = {key: described[key] for key in ("name", "caveat", "modified") if key in described}
+    checks = report.get("checks", [])
     return {
         "source": "audit report", "created": report.get("created"), "n": report["n"],
         "data": report["data"].get("name"), "clean_accuracy": report["clean_accuracy"],
-        "threat": report["threat"], "attacks": report.get("config", {}).get("attacks", []),
+        "threat": report["threat"], "suite": suite, "attacks": config.get("attacks", []),
         "worst_case": [{"eps": r["eps"], "robust_accuracy": r["robust_accuracy"]} for r in report["worst_case"]],
-        "checks_failed": [c["name"] for c in report.get("checks", []) if c.get("status") == "fail"],
+        "checks_failed": [c["name"] for c in checks if c.get("status") == "fail"],
+        "caveats": robustness_caveats(suite, checks),
     }
 
 
@@ -254,21 +301,53 @@ def check_report_matches(report: dict[str, Any], model: nn.Module, x: Tensor, y:
         )
 
 
-def quick_robustness(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, data: str) -> dict[str, Any]:
-    """Clean accuracy and PGD robust accuracy at one eps: one attack's upper bound, not an audit."""
+#: Clean-correct samples the quick check's masking checks run on (the audit's --check-samples default).
+QUICK_CHECK_SAMPLES = 128
+#: What the quick check is, in every output that shows its figures.
+QUICK_CAVEAT = ("quick check: one PGD attack at one eps, not a robustness claim (run robustkit audit and pass "
+                "--report for a full audit)")
+
+
+def quick_checks(model: nn.Module, x: Tensor, y: Tensor, evaluation: Evaluation, attack: NamedAttack,
+                 threat: ThreatModel, num_classes: int) -> list[Check]:
+    """The audit's cheap signs of gradient masking, on clean-correct samples the quick check
+    attacked: PGD on a masked model breaks nothing and its figure looks like a robust model's.
+    Zero input gradients and an attack that fails even at half the input range give it away;
+    an attack that broke no sample at all is a warning."""
+    from robustkit.audit import checks
+    from robustkit.audit.checks import Check
+
+    if not bool(evaluation.clean_correct.any()):
+        return [Check("robust < clean", "untested", "the model classifies no sample correctly: nothing was attacked")]
+    x_sub, y_sub = checks.clean_subset(model, x, y, QUICK_CHECK_SAMPLES, seed=0)
+    inputs = checks.CheckInputs(model, x_sub, y_sub, threat, [threat.eps], fgsm=None, iterative=attack,
+                                gradient_free=None, num_classes=num_classes, attacks=[attack])
+    found = [checks.gradients(model, x_sub, y_sub, [attack]), checks.large_eps_probe(inputs)]
+    if evaluation.worst_case(threat.eps) >= evaluation.clean_accuracy:
+        attacked = int(evaluation.clean_correct.sum())
+        found.append(Check("robust < clean", "warn", f"{attack.name} broke none of the {attacked} clean-correct "
+                           f"samples at eps {eps_text(threat.eps)}, as it breaks none of a masked model's"))
+    return found
+
+
+def quick_robustness(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, data: str,
+                     num_classes: int) -> dict[str, Any]:
+    """Clean accuracy and PGD robust accuracy at one eps: one attack's upper bound, not an audit,
+    with the checks that catch the gradient masking which would make it look robust."""
     from robustkit.audit.engine import NamedAttack, evaluate
     from robustkit.plugin.host import get_host
 
-    attack = get_host().attacks.resolve(PARITY_ATTACK).obj()
-    evaluation = evaluate(model, x, y, [NamedAttack(PARITY_ATTACK, attack)], [threat],
-                          device=model_device(model))
+    attack = NamedAttack(PARITY_ATTACK, get_host().attacks.resolve(PARITY_ATTACK).obj())
+    evaluation = evaluate(model, x, y, [attack], [threat], device=model_device(model))
+    checks = [c.as_dict() for c in quick_checks(model, x, y, evaluation, attack, threat, num_classes)]
     return {
-        "source": f"quick check by robustkit export ({PARITY_ATTACK}, default settings); "
-                  "run robustkit audit and pass --report for a full audit",
+        "source": f"quick check by robustkit export ({PARITY_ATTACK}, default settings)",
         "n": len(x), "data": data, "clean_accuracy": evaluation.clean_accuracy,
         "threat": {"norm": threat.norm.value, "eps": [threat.eps], "bounds": list(threat.bounds), "targeted": False},
         "attacks": [PARITY_ATTACK],
         "worst_case": [{"eps": threat.eps, "robust_accuracy": evaluation.worst_case(threat.eps)}],
+        "checks": checks, "checks_failed": [c["name"] for c in checks if c["status"] == "fail"],
+        "caveats": robustness_caveats({"caveat": QUICK_CAVEAT}, checks),
     }
 
 
@@ -346,13 +425,14 @@ def run_export(config: ExportConfig) -> ExportResult:
     if config.samples < 1:
         raise RobustkitError(f"samples must be >= 1, got {config.samples}")
     x, y = data.x[: config.samples], data.y[: config.samples]
-    data.validate(check_model_output(loaded.model, x, data.num_classes).num_classes)
+    num_classes = check_model_output(loaded.model, x, data.num_classes).num_classes
+    data.validate(num_classes)
     threat = _threat(config, report, data.bounds)
     if report is not None:
         robustness: dict[str, Any] | None = robustness_from_report(report, loaded.sha256)
         check_report_matches(report, loaded.model, x, y)
     elif config.audit:
-        robustness = quick_robustness(loaded.model, x, y, threat, config.data)
+        robustness = quick_robustness(loaded.model, x, y, threat, config.data, num_classes)
     else:
         robustness = None
     warnings = []

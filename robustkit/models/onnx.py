@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,38 @@ def runtime_reason(err: BaseException) -> str:
     return text[:200]
 
 
+def in_fixed_batches(run: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
+    """``run`` on ``x`` in batches of exactly ``size`` rows, for graphs exported with a fixed batch
+    dimension. The last batch is padded with copies of its first row whose outputs are dropped:
+    rows are independent at inference, so the result is exact (and differentiable)."""
+    outputs = []
+    for start in range(0, len(x), size):
+        chunk = x[start : start + size]
+        pad = size - len(chunk)
+        if pad:
+            chunk = torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])])
+        outputs.append(run(chunk)[: size - pad])
+    return torch.cat(outputs)
+
+
+class FixedBatch(nn.Module):
+    """A torch conversion of a fixed-batch graph (its Reshape targets hold the batch size), run
+    on batches of any size through ``in_fixed_batches``."""
+
+    def __init__(self, net: nn.Module, size: int) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return in_fixed_batches(self.net, x, self.size)
+
+
 class OnnxPredictor:
     """Batched onnxruntime inference with torch tensors in and out (no gradients).
 
     onnxruntime logs only fatal errors unless robustkit runs with ``-v``: its failures reach
-    the user as robustkit's one-line errors naming the file.
+    the user as robustkit's one-line errors naming the file. A graph exported without a dynamic
+    batch axis (``batch``: its fixed size) runs in batches of that size.
     """
 
     def __init__(self, path: Path) -> None:
@@ -64,9 +92,14 @@ class OnnxPredictor:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's Fail, InvalidGraph, RuntimeException..., MemoryError
             raise RobustkitError(f"{path.name}: onnxruntime cannot load the graph ({runtime_reason(err)})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        first = graph_input.shape[0] if graph_input.shape else None  # an int when fixed, else a name or None
+        self.batch: int | None = first if isinstance(first, int) and first > 0 else None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.batch is not None and len(x) != self.batch:
+            return in_fixed_batches(self, x, self.batch)
         array = x.detach().cpu().float().numpy()
         try:
             (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[:1]
@@ -163,10 +196,12 @@ def check_onnx_file(path: Path) -> None:
 
 def load_onnx(path: Path, options: LoadOptions) -> LoadedModel:
     check_onnx_file(path)
-    return LoadedModel(
-        OnnxPredictor(path), str(path), "onnx", file_sha256(path),
-        notes=[RUNTIME_NOTE],
-    )
+    predictor = OnnxPredictor(path)
+    notes = [RUNTIME_NOTE]
+    if predictor.batch is not None:
+        notes.append(f"the graph has a fixed batch size of {predictor.batch} (exported without a dynamic batch "
+                     "axis): run in batches of that size, the last padded and its padding dropped")
+    return LoadedModel(predictor, str(path), "onnx", file_sha256(path), notes=notes)
 
 
 class ConvertedOnnx(nn.Module):
@@ -234,6 +269,8 @@ def choose_access(loaded: LoadedModel, x: Tensor, *, device: str = "cpu", black_
         converted = convert_to_torch(Path(loaded.source)).to(device)
     except Exception as err:  # unsupported operators surface as many error types
         raise RobustkitError(f"{loaded.source}: no white-box conversion to torch ({_one_line(err)}); {fixes}") from err
+    if isinstance(loaded.model, OnnxPredictor) and loaded.model.batch is not None:
+        converted = FixedBatch(converted, loaded.model.batch)
     expected = predict_logits(loaded.model, x)
     try:
         got = predict_logits(converted, x).cpu()
