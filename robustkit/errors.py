@@ -11,6 +11,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: first line`` of an error robustkit reports but did not raise (a library's, a
+    plugin's), cut at 200 characters: what a one-line message or a report field quotes."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
 class RobustkitError(Exception):
     """A problem the user can fix; ``str(err)`` is a complete one-line explanation."""
 

@@ -51,7 +51,7 @@ from robustkit.attacks.base import Attack
 from robustkit.audit.certify import Certifier, Unsupported, check_norm
 from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
-from robustkit.errors import RobustkitError
+from robustkit.errors import RobustkitError, one_line
 from robustkit.modules import Model, fast_layout, predict_logits
 from robustkit.threat import TOLERANCE, Norm, ThreatModel, eps_text, per_sample_norm
 
@@ -342,8 +342,7 @@ def evaluate(
                             raise
                         if snapshot is not None and isinstance(model, nn.Module):
                             model.load_state_dict(snapshot)
-                        text = str(err).strip().splitlines()
-                        outcome.failed = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+                        outcome.failed = one_line(err)
                         log.error("attack %s failed (%s); the audit goes on without it", named.name, outcome.failed)
                         for t in threats:
                             outcome.seconds.setdefault(t.eps, 0.0)

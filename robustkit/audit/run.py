@@ -42,7 +42,7 @@ from robustkit.audit.suites import Suite, SuiteChange, get_suite
 from robustkit.data import Dataset, load_dataset
 from robustkit.distributed import DistContext, distributed_session
 from robustkit.environment import environment
-from robustkit.errors import OptionError, ParamsError, RobustkitError
+from robustkit.errors import OptionError, ParamsError, RobustkitError, one_line
 from robustkit.io import folder_lock
 from robustkit.models.base import LoadedModel, LoadOptions
 from robustkit.models.loading import check_model_output, load_model
@@ -297,8 +297,7 @@ class PartialSaver:
         self._write(None)
 
     def failed(self, err: Exception) -> None:
-        text = str(err).strip().splitlines()
-        failure = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+        failure = one_line(err)
         if self._write(failure):
             log.error("the audit failed (%s); %s holds what it computed, marked so", failure, self.out)
 

@@ -53,7 +53,7 @@ class RobustkitGroup(click.Group):
         return super().get_command(ctx, cmd_name) or self._plugin_group(ctx).commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from robustkit.errors import RobustkitError
+        from robustkit.errors import RobustkitError, one_line
 
         try:
             return super().invoke(ctx)
@@ -83,10 +83,7 @@ class RobustkitGroup(click.Group):
         except Exception as err:
             if ctx.params.get("verbose"):
                 raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise click.ClickException(
-                f"internal error: {type(err).__name__}: {first} (run with -v for the traceback)"
-            ) from None
+            raise click.ClickException(f"internal error: {one_line(err)} (run with -v for the traceback)") from None
 
 
 @click.group(cls=RobustkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

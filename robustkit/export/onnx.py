@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustkit.errors import RobustkitError
+from robustkit.errors import RobustkitError, one_line
 from robustkit.export.run import METADATA_KEY, Exporter, ExportResult
 from robustkit.modules import Model
 from robustkit.params import param
@@ -50,11 +50,6 @@ class OnnxParams:
     def __post_init__(self) -> None:
         if not 13 <= self.opset <= 23:
             raise ValueError("opset must be between 13 and 23")
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 @contextmanager
@@ -152,13 +147,13 @@ class OnnxExporter(Exporter):
                 proto = _dynamo(model, example, p.opset, axes)
                 details["exporter"] = "dynamo"
             except Exception as err:  # any failure hands over to the fallback
-                details["dynamo_failed"] = str(err) if isinstance(err, RobustkitError) else _one_line(err)
+                details["dynamo_failed"] = str(err) if isinstance(err, RobustkitError) else one_line(err)
         if proto is None:
             try:
                 proto, tracer = _torchscript(model, example, p.opset, path, axes)
             except Exception as err:
                 tried = f"dynamo: {details['dynamo_failed']}; " if p.dynamo else ""
-                raise RobustkitError(f"the model cannot be exported to ONNX ({tried}torchscript: {_one_line(err)})"
+                raise RobustkitError(f"the model cannot be exported to ONNX ({tried}torchscript: {one_line(err)})"
                                      ) from None
             details["exporter"] = "torchscript"
             found += [f"the TorchScript tracer could not record everything, so the graph may differ from the "
@@ -175,7 +170,7 @@ class OnnxExporter(Exporter):
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as err:  # the checker raises several types
-            raise RobustkitError(f"the exported graph fails onnx.checker ({_one_line(err)})") from None
+            raise RobustkitError(f"the exported graph fails onnx.checker ({one_line(err)})") from None
         files = [path, data_file] if external else [path]
         return ExportResult(path, "onnx", files, details=details, warnings=found)
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.data import format_bytes, over_limit
-from robustkit.errors import RobustkitError
+from robustkit.errors import RobustkitError, one_line
 from robustkit.models.base import LoadedModel, LoadOptions, file_sha256, verbose
 from robustkit.modules import predict_logits
 
@@ -248,11 +248,6 @@ def convert_to_torch(path: Path) -> nn.Module:
     return ConvertedOnnx(convert(model)).eval()
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
-
-
 def choose_access(loaded: LoadedModel, x: Tensor, *, device: str = "cpu", black_box: bool = False) -> None:
     """Swap in a torch conversion of ``loaded`` (white-box) if it agrees with onnxruntime on ``x``.
 
@@ -268,14 +263,14 @@ def choose_access(loaded: LoadedModel, x: Tensor, *, device: str = "cpu", black_
     try:
         converted = convert_to_torch(Path(loaded.source)).to(device)
     except Exception as err:  # unsupported operators surface as many error types
-        raise RobustkitError(f"{loaded.source}: no white-box conversion to torch ({_one_line(err)}); {fixes}") from err
+        raise RobustkitError(f"{loaded.source}: no white-box conversion to torch ({one_line(err)}); {fixes}") from err
     if isinstance(loaded.model, OnnxPredictor) and loaded.model.batch is not None:
         converted = FixedBatch(converted, loaded.model.batch)
     expected = predict_logits(loaded.model, x)
     try:
         got = predict_logits(converted, x).cpu()
     except Exception as err:  # e.g. MemoryError from a graph that asks for more than the machine has
-        raise RobustkitError(f"{loaded.source}: its torch conversion fails on the data ({_one_line(err)}); "
+        raise RobustkitError(f"{loaded.source}: its torch conversion fails on the data ({one_line(err)}); "
                              f"{fixes}") from None
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     agree = float((got.argmax(1) == expected.argmax(1)).float().mean()) if got.shape == expected.shape else 0.0
