@@ -104,6 +104,31 @@ def register_attacks(host: Host) -> Callable[..., PluginRecord]:
     return register
 
 
+@pytest.fixture(scope="module")
+def builtin_host() -> Iterator[None]:
+    """``host`` for a whole module (its module-scoped fixtures run audits): built-in plugins only,
+    restored afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("ROBUSTKIT_DISABLE_PLUGINS", "ROBUSTKIT_STRICT_PLUGINS"):
+            patch.delenv(name, raising=False)
+        patch.setattr(host_module, "_host", None)
+        patch.setattr(host_module, "_plugins_dirs", ())
+        host_module.set_host(Host(entry_points=False))
+        yield
+
+
+@pytest.fixture(scope="session")
+def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``builtin:digits-cnn`` trained on the real digits (``robustkit.testing``), as safetensors."""
+    from safetensors.torch import save_file
+
+    from robustkit.testing import trained_digits_model
+
+    path = tmp_path_factory.mktemp("model") / "cnn.safetensors"
+    save_file(trained_digits_model("cnn").state_dict(), str(path))
+    return path
+
+
 @pytest.fixture
 def run_robustkit() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``python -m robustkit ARGS`` in a subprocess, or with ``processes=N`` under ``torchrun

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from safetensors.torch import save_file
 
 import robustkit.audit.run as audit_run
 from robustkit.audit.compare import AuditsDiffer, compare_reports, load_audit
 from robustkit.audit.report import SCHEMA_PATH
 from robustkit.audit.suites import get_suite
 from robustkit.cli import cli
-from robustkit.plugin import host as host_module
-from robustkit.plugin.host import Host
-from robustkit.testing import trained_digits_model
 
 QUICK_STEPS = "20"  #: the quick suite's APGD steps
 
@@ -36,32 +32,13 @@ def _schema_validator() -> Callable[[Any, Any], list[str]]:
     return module.validate
 
 
-@pytest.fixture(scope="module")
-def builtin_host() -> Iterator[None]:
-    """tests/conftest.py's ``host`` for a module: built-in plugins only, restored afterwards."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("ROBUSTKIT_DISABLE_PLUGINS", "ROBUSTKIT_STRICT_PLUGINS"):
-            patch.delenv(name, raising=False)
-        patch.setattr(host_module, "_host", None)
-        patch.setattr(host_module, "_plugins_dirs", ())
-        host_module.set_host(Host(entry_points=False))
-        yield
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "cnn.safetensors"
-    save_file(trained_digits_model("cnn").state_dict(), str(path))
-    return path
-
-
 def invoke_audit(weights: Path, out: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.1",
                                     "--limit", "60", "--no-certify", "--out", str(out), *args])
 
 
 @pytest.fixture(scope="module")
-def audits(weights: Path, builtin_host: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def audits(cnn_weights: Path, builtin_host: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small real audits: the default suite weakened by ``-o``; the quick suite with APGD's steps
     set to the suite's own value, and raised above it."""
     runs = {"weakened": ("-o", "steps", "1", "-o", "square.queries", "1"),
@@ -70,7 +47,7 @@ def audits(weights: Path, builtin_host: None, tmp_path_factory: pytest.TempPathF
     folders = {}
     for name, args in runs.items():
         folders[name] = tmp_path_factory.mktemp("audit") / name.replace(" ", "-")
-        result = invoke_audit(weights, folders[name], *args)
+        result = invoke_audit(cnn_weights, folders[name], *args)
         assert result.exit_code in (0, 3), result.output  # 3: a check failed, which is not judged here
     return folders
 
@@ -136,13 +113,13 @@ def test_compare_refuses_other_attack_parameters_unless_forced(audits: dict[str,
     (KeyboardInterrupt(), 130, "was interrupted"),
 ])
 def test_a_failure_says_failed_and_an_interruption_interrupted(
-        weights: Path, builtin_host: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        cnn_weights: Path, builtin_host: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         error: BaseException, exit_code: int, ended: str) -> None:
     def raising(*args: Any, **kwargs: Any) -> Any:
         raise error
 
     monkeypatch.setattr(audit_run, "run_checks", raising)  # after the attacks: their results stand
-    result = invoke_audit(weights, tmp_path, "--attack", "fgsm")
+    result = invoke_audit(cnn_weights, tmp_path, "--attack", "fgsm")
     assert result.exit_code == exit_code, result.output
     report = report_of(tmp_path)
     assert report["complete"] is False and [r["attack"] for r in report["results"]] == ["robustkit:fgsm"]

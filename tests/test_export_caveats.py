@@ -46,13 +46,6 @@ def rounded():
 pytestmark = pytest.mark.usefixtures("host")
 
 
-@pytest.fixture(scope="module")
-def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
-    save_file(trained_digits_model("cnn").state_dict(), str(path))
-    return path
-
-
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args))
 

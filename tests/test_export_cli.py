@@ -23,20 +23,12 @@ from robustkit.models.base import LoadOptions, file_sha256
 from robustkit.models.loading import load_model
 from robustkit.models.zoo import digits_resnet
 from robustkit.modules import Normalized
-from robustkit.testing import trained_digits_model
 
 CNN = ("--arch", "builtin:digits-cnn")
 
 
 #: Built-in plugins only, whatever is installed (tests/conftest.py's ``host`` fixture).
 pytestmark = pytest.mark.usefixtures("host")
-
-
-@pytest.fixture(scope="module")
-def cnn_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
-    save_file(trained_digits_model("cnn").state_dict(), str(path))
-    return path
 
 
 def invoke(*args: str) -> Result:

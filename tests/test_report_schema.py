@@ -16,16 +16,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 import robustkit.audit.run as audit_run
 from robustkit.attacks.native import PGD
 from robustkit.audit.checks import Status
 from robustkit.audit.report import REPORT_NORMS, REQUIRED_KEYS, SCHEMA_PATH, SCHEMA_VERSION
 from robustkit.cli import cli
-from robustkit.plugin import host as host_module
-from robustkit.plugin.host import Host
-from robustkit.testing import trained_digits_model
 
 Schema = dict[str, Any]
 
@@ -89,36 +85,17 @@ def schema() -> Schema:
     return json.loads(SCHEMA_PATH.read_text())
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "cnn.safetensors"
-    save_file(trained_digits_model("cnn").state_dict(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def builtin_host() -> Iterator[None]:
-    """tests/conftest.py's ``host`` for a module: built-in plugins only, restored afterwards."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("ROBUSTKIT_DISABLE_PLUGINS", "ROBUSTKIT_STRICT_PLUGINS"):
-            patch.delenv(name, raising=False)
-        patch.setattr(host_module, "_host", None)
-        patch.setattr(host_module, "_plugins_dirs", ())
-        host_module.set_host(Host(entry_points=False))
-        yield
-
-
 def invoke_audit(weights: Path, *args: str) -> Any:
     return CliRunner().invoke(cli, ["audit", str(weights), "--arch", "builtin:digits-cnn", "--eps", "0.05,0.1",
                                     *args])
 
 
 @pytest.fixture(scope="module")
-def complete(weights: Path, builtin_host: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def complete(cnn_weights: Path, builtin_host: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A small real audit with every kind of row: white-box and gradient-free attacks, checks,
     certificates. Its ``--json`` output and the folder it wrote."""
     out = tmp_path_factory.mktemp("complete")
-    result = invoke_audit(weights, "--limit", "40", "--attack", "fgsm", "--attack", "pgd", "--attack", "square",
+    result = invoke_audit(cnn_weights, "--limit", "40", "--attack", "fgsm", "--attack", "pgd", "--attack", "square",
                           "-o", "steps", "5", "-o", "queries", "50", "--check-samples", "16", "--out", str(out),
                           "--json")
     assert result.exit_code in (0, 3), result.output  # 3: a check failed, which this test does not judge
@@ -162,7 +139,7 @@ def test_a_complete_report_matches_the_schema(schema: Schema, complete: tuple[st
     assert len(report["checks"]) > 1
 
 
-def test_partial_reports_match_the_schema(schema: Schema, weights: Path, builtin_host: None, tmp_path: Path,
+def test_partial_reports_match_the_schema(schema: Schema, cnn_weights: Path, builtin_host: None, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The report written after each (attack, eps), and the one an interruption leaves."""
     partial: list[dict[str, Any]] = []
@@ -185,7 +162,7 @@ def test_partial_reports_match_the_schema(schema: Schema, weights: Path, builtin
     monkeypatch.setattr(audit_run, "write_report", recording)
     monkeypatch.setattr(PGD, "run", interrupting)
     out = tmp_path / "partial"
-    result = invoke_audit(weights, "--limit", "40", "--attack", "fgsm", "--attack", "pgd", "--no-certify",
+    result = invoke_audit(cnn_weights, "--limit", "40", "--attack", "fgsm", "--attack", "pgd", "--no-certify",
                           "--out", str(out))
     assert result.exit_code == 130, result.output
     interrupted = json.loads((out / "report.json").read_text())
