@@ -35,7 +35,16 @@ import torch
 from robustkit_text import synthetic
 from robustkit_text.attacks import HotFlip
 from robustkit_text.data import TextDataset
-from robustkit_text.defences import DEFAULT_EPS, FGM, EmbeddingPGD, FreeLB, Plain, TextDefence, default_threat
+from robustkit_text.defences import (
+    DEFAULT_EPS,
+    FGM,
+    EmbeddingPGD,
+    FreeLB,
+    Plain,
+    TextDefence,
+    TextTrainingParams,
+    default_threat,
+)
 from robustkit_text.embedding import token_norm
 from robustkit_text.model import TextClassifier, encode_data, load_folder
 
@@ -107,7 +116,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
     parser.add_argument("--train", type=int, default=1500, help="training reviews")
     parser.add_argument("--eval", type=int, default=300, help="evaluation reviews")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=TextTrainingParams.epochs, help="default: the text defences' own")
     parser.add_argument("--seeds", type=int, default=3, help="runs of each defence, seeds 0..N-1")
     parser.add_argument("--exact", action="store_true", help="also the exact k = 1 accuracy (every substitution)")
     parser.add_argument("--eps", type=float, default=DEFAULT_EPS,

@@ -150,6 +150,32 @@ def test_a_checkpoint_older_than_awp_resumes(tmp_path: Path) -> None:
                                                   run=RunConfig(out_dir=tmp_path, resume=True, progress=False))
 
 
+@dataclasses.dataclass(frozen=True)
+class _ClippingParams(FGSMRS.Params):  # type: ignore[name-defined]
+    max_grad_norm: float = 1.0  # clipping on by default, as the text defences have it
+
+
+class _ClippingFGSMRS(FGSMRS):
+    Params = _ClippingParams
+
+
+def test_a_checkpoint_older_than_clipping_resumes_only_unclipped(tmp_path: Path) -> None:
+    """A checkpoint without max_grad_norm was trained unclipped, whatever the defence's default is
+    now: resuming it with clipping on would be another run (loop.OFF_WHEN_ABSENT)."""
+    data = _small_digits()
+    settings: dict[str, Any] = {"epochs": 1, "canary_size": 32, "canary_steps": 2, "max_grad_norm": 0.0}
+    first = _ClippingFGSMRS(**settings).apply(_net(), data, threat=THREAT,
+                                              run=RunConfig(out_dir=tmp_path, progress=False))
+    path = tmp_path / checkpoint.FILENAME
+    saved = checkpoint.load(path)
+    del saved["recipe"]["params"]["max_grad_norm"]
+    checkpoint.save(path, {k: v for k, v in saved.items() if k != "format"})
+    resume = RunConfig(out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(RobustkitError, match=r"max_grad_norm was 0\.0, now 1\.0"):
+        _ClippingFGSMRS(**{**settings, "max_grad_norm": 1.0}).apply(_net(), data, threat=THREAT, run=resume)
+    assert _ClippingFGSMRS(**settings).apply(_net(), data, threat=THREAT, run=resume).history == first.history
+
+
 def test_warmup_defaults_and_limits() -> None:
     assert FGSMRS().params.awp_warmup == 0 and TRADES().params.awp_warmup == 10  # the paper's code
     with pytest.raises(ValueError, match="awp_warmup 10 leaves none of the 10 epochs"):

@@ -32,6 +32,12 @@ class TrainingParams:
     optimizer: Literal["adam", "sgd"] = param("adam", "adam, or sgd with momentum 0.9")
     nesterov: bool = param(True, "Nesterov momentum for sgd (the papers' recipes use plain momentum)")
     weight_decay: float = param(0.0, "L2 penalty of the optimizer")
+    max_grad_norm: float = param(
+        0.0,
+        "clip the global l2 norm of the parameters' gradient to this before each update (0: off); "
+        "BERT fine-tuning clips at 1 (Hugging Face's and FreeLB's code), so one steep batch cannot "
+        "throw a transformer's weights far",
+    )
     # One cycle for every defence, as fast adversarial training (Wong et al., 2020) uses it: it
     # beat a constant rate for pgd-at, trades and free on builtin:digits (docs/performance.md).
     schedule: Literal["constant", "cyclic", "cosine", "piecewise"] = param(
@@ -72,6 +78,8 @@ class TrainingParams:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if self.max_grad_norm < 0:
+            raise ValueError("max_grad_norm must be >= 0 (0: no clipping)")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must lie strictly between 0 and 1")
         if self.canary_steps < 1 or self.canary_size < 1 or self.patience < 0:

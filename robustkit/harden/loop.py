@@ -154,10 +154,17 @@ _RECIPE_KEYS = {
 }
 
 
+#: Settings whose absence from a checkpoint means the run went without them, whatever their
+#: default is now: text defences clip at 1 by default, and their checkpoints from before
+#: clipping existed were trained unclipped (resuming them clipped would be another run).
+OFF_WHEN_ABSENT: dict[str, Any] = {"max_grad_norm": 0.0}
+
+
 def _recipe_difference(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> str | None:
     """What makes ``saved`` another run than ``current``, or None. A setting missing from
     ``saved`` is newer than its checkpoint (awp_gamma in one written before AWP): that run
-    went without it, as at its default, so it counts as ``defaults[key]``."""
+    went without it, so it counts as ``defaults[key]`` (the defence's default, or off:
+    ``OFF_WHEN_ABSENT``)."""
     for key, what in _RECIPE_KEYS.items():
         if saved.get(key) != current[key]:
             if key == "precision":
@@ -232,6 +239,7 @@ class Engine:
             optimizer,
             torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
             torch.amp.GradScaler(self.device.type) if run.precision == "fp16" else None,
+            params.max_grad_norm,
         )
         generator = torch.Generator(self.device).manual_seed(params.seed * 1000 + self.world.rank)
         self.ctx = StepContext(
@@ -295,7 +303,7 @@ class Engine:
         if not path.is_file():
             raise RobustkitError(f"--resume: no checkpoint at {path}; run without --resume to start")
         saved = checkpoint.load(path)
-        defaults = {f.name: f.default for f in dataclasses.fields(self.params)}
+        defaults = {**{f.name: f.default for f in dataclasses.fields(self.params)}, **OFF_WHEN_ABSENT}
         difference = _recipe_difference(saved["recipe"], self.recipe, defaults)
         if difference:
             raise RobustkitError(

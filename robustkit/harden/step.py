@@ -33,11 +33,13 @@ TrainLoss = Callable[[nn.Module, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 @dataclass
 class Optimization:
-    """The optimizer, its learning-rate schedule and, under fp16, the gradient scaler."""
+    """The optimizer, its learning-rate schedule, under fp16 the gradient scaler, and the
+    gradient clipping (``max_grad_norm``) that every defence's update goes through."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
+    max_grad_norm: float = 0.0  #: clip the gradients' global l2 norm to this before a step; 0: off
 
     def backward(self, loss: Tensor) -> float:
         """Gradients of ``loss`` in ``.grad`` (fresh); returns the factor by which they are
@@ -52,7 +54,15 @@ class Optimization:
         return scale
 
     def step(self) -> None:
-        """One optimizer and schedule step on the gradients in ``.grad``."""
+        """One optimizer and schedule step on the gradients in ``.grad``, clipped first if
+        ``max_grad_norm`` is set (under fp16 on the unscaled gradients, which the scaler then
+        does not unscale again; a step whose gradients overflowed is still skipped). Under DDP
+        the gradients were all-reduced at backward, so every process clips the same ones."""
+        if self.max_grad_norm:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if self.scaler is None:
             self.optimizer.step()
         else:

@@ -45,6 +45,10 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, fresh_model: Path, d
     from robustkit import HardenRequest, RunConfig, run_harden
 
     out = tmp_path_factory.mktemp("plain")
-    run_harden(HardenRequest(str(fresh_model), str(data_folder), "text:plain", options={"epochs": 8},
+    # Unclipped (the text default clips at 1): HotFlip's first-order ranking guides it worse on the
+    # clipped model, and random substitutions beat it on 6 of 24 samples, which the audit's
+    # black-box <= white-box check flags, as it should; the tests here want a model it passes on.
+    run_harden(HardenRequest(str(fresh_model), str(data_folder), "text:plain", options={"epochs": 8,
+                                                                                       "max_grad_norm": 0.0},
                              run=RunConfig(out_dir=out, progress=False)))
     return out / "model"
