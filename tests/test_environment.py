@@ -4,6 +4,7 @@ so the user is told to lower OMP_NUM_THREADS)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,10 +42,10 @@ def test_no_note_for_one_thread_or_a_gpu(two_cores: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("command", ["audit", "harden"])
 def test_the_cli_says_it_before_the_job(host: Host, two_cores: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-                                        command: str) -> None:
+                                        command: str, tmp_path: Path) -> None:
     two_cores.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     args = [command, "missing.safetensors", "--arch", "builtin:digits-cnn", "--data", "builtin:digits",
-            "--device", "cpu"]
+            "--device", "cpu", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(cli, args + (["--defence", "fgsm-rs"] if command == "harden" else []))
     assert result.exit_code == 1 and "does not exist" in result.output  # said before the job starts
     assert "the CPU is busy" in caplog.text and "OMP_NUM_THREADS=1" in caplog.text
