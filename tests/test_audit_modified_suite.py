@@ -12,12 +12,18 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from torch import Tensor
 
 import robustkit.audit.run as audit_run
+from robustkit.attacks.native import PGD
 from robustkit.audit.compare import AuditsDiffer, compare_reports, load_audit
 from robustkit.audit.report import SCHEMA_PATH
 from robustkit.audit.suites import get_suite
 from robustkit.cli import cli
+from robustkit.modules import Model
+from robustkit.plugin.hookspecs import hookimpl
+from robustkit.plugin.host import Host
+from robustkit.threat import ThreatModel
 
 QUICK_STEPS = "20"  #: the quick suite's APGD steps
 
@@ -127,3 +133,33 @@ def test_a_failure_says_failed_and_an_interruption_interrupted(
     assert report["failure"] == ("RuntimeError: boom" if exit_code == 1 else None)
     assert ("interrupted" in report["summary"]["verdict"]) is (exit_code == 130)
     assert _schema_validator()(report, json.loads(SCHEMA_PATH.read_text())) == []
+
+
+class _FragilePGD(PGD):
+    """robustkit's PGD, raising beyond the steps the audit gave it: the convergence check's doubled
+    steps (a plugin attack that breaks only in a check's settings)."""
+
+    name = "fragile-pgd"
+
+    def run(self, model: Model, x: Tensor, labels: Tensor, threat: ThreatModel) -> Tensor:
+        if self.params.steps > PGD.Params().steps:
+            raise RuntimeError("too many steps for this attack")
+        return super().run(model, x, labels, threat)
+
+
+class _FragilePlugin:
+    @hookimpl
+    def robustkit_register_attacks(self, registry: Any) -> None:
+        registry.add(_FragilePGD)
+
+
+def test_an_attack_raising_in_a_check_fails_that_check_not_the_audit(host: Host, cnn_weights: Path,
+                                                                      tmp_path: Path) -> None:
+    host.register(_FragilePlugin(), "fragile")
+    result = invoke_audit(cnn_weights, tmp_path, "--attack", "fgsm", "--attack", "fragile-pgd")
+    assert result.exit_code == 3, result.output  # the audit ran; a check failed
+    report = report_of(tmp_path)
+    assert report["complete"] is True and report.get("failure") is None
+    convergence = next(c for c in report["checks"] if c["name"] == "convergence")
+    assert convergence["status"] == "fail" and "too many steps for this attack" in convergence["detail"]
+    assert {c["name"] for c in report["checks"]} >= {"iterative >= fgsm", "monotone in eps", "large-eps probe"}
