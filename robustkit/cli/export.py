@@ -68,7 +68,7 @@ def print_result(result: dict[str, Any]) -> None:
     stdout.print(f"  outputs: max abs diff {checks['max_abs_diff']:.2g} at batch sizes "
                  f"{', '.join(map(str, checks['batch_sizes']))}{lengths}; "
                  f"argmax agreement {100 * checks['argmax_agreement']:.0f}%")
-    if "parity_attack" in checks:  # an image export's
+    if "parity_attack" in checks:  # every exporter that attacks its graph (images: PGD, text: HotFlip)
         figures = (f"robust accuracy {100 * checks['robust_accuracy_torch']:.1f}% torch vs "
                    f"{100 * checks['robust_accuracy_exported']:.1f}% exported")
         if checks.get("parity_broken") == 0:  # both ran inputs that fool neither: nothing was compared

@@ -280,4 +280,5 @@ def adversarial_parity(runtime: OnnxPredictor, tokenizer: Any, model: TextClassi
             "points apart)")
     return {"parity_attack": "text:hotflip at k = 1 edit", "robust_accuracy_torch": torch_acc,
             "robust_accuracy_exported": runtime_acc, "parity_gap": gap,
+            "parity_broken": int((right & (torch_pred != labels)).sum()),  # 0: nothing was compared
             "adversarial_argmax_agreement": float((torch_pred == runtime_pred).float().mean())}

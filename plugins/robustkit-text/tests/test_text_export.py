@@ -165,6 +165,7 @@ def test_adversarial_texts_are_classified_alike_by_the_graph(exported: tuple[Pat
     assert checks["parity_attack"].startswith("text:hotflip") and checks["parity_gap"] <= 0.005
     assert checks["robust_accuracy_exported"] == pytest.approx(checks["robust_accuracy_torch"], abs=0.005)
     assert checks["adversarial_argmax_agreement"] == 1.0
+    assert checks["parity_broken"] > 0  # HotFlip broke texts, so the agreement compared something
 
 
 def test_a_graph_that_differs_on_adversarial_texts_is_refused(trained_model: Path, data_folder: Path) -> None:
