@@ -56,13 +56,17 @@ def write_set(folder: Path, files: Mapping[str, bytes | str]) -> None:
 @contextlib.contextmanager
 def folder_lock(folder: Path, job: str) -> Iterator[None]:
     """Hold ``folder`` for one robustkit run: a second run into it is refused, naming the
-    process that holds it. The lock (``flock``) ends with the process, even on kill -9."""
+    process that holds it. The lock (``flock``) ends with the process, even on kill -9. A
+    folder made for a run that wrote nothing (a typo in its options) is removed again."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     handle = path.open("a+")
+    held = False
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -75,4 +79,7 @@ def folder_lock(folder: Path, job: str) -> Iterator[None]:
         handle.flush()
         yield
     finally:
+        if held and created and all(p.name == LOCK_NAME for p in folder.iterdir()):
+            path.unlink(missing_ok=True)  # while still held: no other run holds this lock file
+            folder.rmdir()
         handle.close()  # releases the lock

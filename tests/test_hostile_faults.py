@@ -79,6 +79,19 @@ def test_two_runs_never_share_an_output_folder(tmp_path: Path, audit: Any) -> No
     assert (out / LOCK_NAME).exists()
 
 
+def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "typo"
+    result = CliRunner().invoke(cli, ["harden", str(tmp_path / "missing.safetensors"), "--arch", "builtin:digits-cnn",
+                                      "--data", "builtin:digits", "--defence", "fgsm-rs", "--out", str(out)])
+    assert result.exit_code == 1 and "does not exist" in result.stderr, result.output
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with folder_lock(kept, "robustkit audit"):
+        pass
+    assert kept.is_dir()  # a folder the user made stays, lock file and all
+
+
 def test_ctrl_c_during_the_checks_writes_the_whole_set_and_exits_130(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, audit: Any
 ) -> None:
