@@ -117,6 +117,18 @@ def test_text_output_and_default_folder(tmp_path: Path, monkeypatch: pytest.Monk
     assert (tmp_path / "exports" / "digits-cnn.safetensors").is_file()
 
 
+def test_a_built_in_model_exports_with_its_audit_report(tmp_path: Path) -> None:
+    """Fresh built-in weights are drawn alike by audit (at its default --seed 0) and export, so the
+    report describes the model exported (they were drawn anew, and refused as another model)."""
+    audited = invoke("audit", "builtin:digits-cnn", "--suite", "quick", "--limit", "30", "--no-checks",
+                     "--out", str(tmp_path / "audit"))
+    assert audited.exit_code == 3 and "at chance" in audited.output, audited.output  # untrained, and said
+    result = invoke("export", "builtin:digits-cnn", "--report", str(tmp_path / "audit" / "report.json"),
+                    "--samples", "30", "--out", str(tmp_path / "m.onnx"))
+    assert result.exit_code == 0, result.output
+    assert "embedded robustness (audit report, suite quick)" in result.stdout
+
+
 def test_exporter_options_are_checked(cnn_weights: Path, tmp_path: Path) -> None:
     result = invoke("export", str(cnn_weights), *CNN, "-o", "opsett", "17", "--out", str(tmp_path / "m.onnx"))
     assert result.exit_code == 2 and "unknown parameter 'opsett'" in result.stderr and "opset" in result.stderr

@@ -317,6 +317,12 @@ def _stopped(report: AuditReport) -> str:
     return "was interrupted" if report.failure is None else f"failed ({report.failure})"
 
 
+def failed_checks_text(names: str) -> str:
+    """What failed checks mean for the figures, wherever they are shown (verdict, export metadata)."""
+    return (f"FAILED checks ({names}): the attacks may have been fooled (e.g. gradient masking) or the model or "
+            "data is wrong, so the robust accuracy may be overstated; read it as an upper bound, not a claim")
+
+
 def _verdict(report: AuditReport) -> tuple[Trust, str]:
     """How far to trust the figures, in one line that names what weakens them first."""
     parts = []
@@ -327,8 +333,7 @@ def _verdict(report: AuditReport) -> tuple[Trust, str]:
     named = {status: ", ".join(c.name for c in report.checks if c.status == status)
              for status in ("fail", "warn", "untested")}
     if named["fail"]:
-        parts.append(f"FAILED checks ({named['fail']}): the attacks may have been fooled (e.g. gradient "
-                     "masking), so the robust accuracy may be overstated; read it as an upper bound")
+        parts.append(failed_checks_text(named["fail"]))
     parts += [f"not tested: {c.name} ({c.detail})" for c in report.checks if c.status == "untested"]
     if named["warn"]:
         parts.append(f"warnings ({named['warn']}): the figures stand with the caveats under Checks")

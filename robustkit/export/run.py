@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustkit.audit.report import read_report
+from robustkit.audit.report import failed_checks_text, read_report
 from robustkit.errors import RobustkitError
 from robustkit.models.base import LoadOptions
-from robustkit.modules import Model, eval_mode, model_device, predict_logits
+from robustkit.modules import Model, eval_mode, model_device, predict_logits, seeded
 from robustkit.params import Configurable, coerce
 from robustkit.threat import TRAINING_EPS, Norm, ThreatModel, eps_text
 
@@ -247,8 +247,7 @@ def robustness_caveats(suite: dict[str, Any], checks: Sequence[dict[str, Any]]) 
                       f"({_suite_changes(suite['modified'])})"})
     named = {status: ", ".join(c["name"] for c in checks if c.get("status") == status) for status in ("fail", "warn")}
     if named["fail"]:
-        found.append({"level": "fail", "text": f"FAILED checks ({named['fail']}): the attacks were likely fooled (e.g. "
-                      "gradient masking), so the robust accuracy is an upper bound, not a robustness claim"})
+        found.append({"level": "fail", "text": failed_checks_text(named["fail"])})
     if named["warn"]:
         found.append({"level": "warn", "text": f"check warnings ({named['warn']}): read their details before "
                       "relying on the figures"})
@@ -418,7 +417,8 @@ def run_export(config: ExportConfig) -> ExportResult:
     path = config.out or default_out(config.model, exporter.suffix)
     refuse_foreign(exporter, [path], config.force)  # before any work
     report = read_report(config.report) if config.report is not None else None
-    loaded = load_model(config.model, config.load)
+    with seeded(0, config.load.device):  # fresh built-in weights: the same as an audit's at its default --seed 0
+        loaded = load_model(config.model, config.load)
     if not isinstance(loaded.model, nn.Module):
         raise RobustkitError(f"{config.model} is not a torch model ({loaded.format}); export needs a torch model")
     data = load_dataset(config.data)
