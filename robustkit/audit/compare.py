@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from robustkit.audit.report import Interval, accuracy_ci, read_report
 from robustkit.errors import RobustkitError
@@ -34,8 +34,6 @@ ALPHA = 0.05
 EPS_TOLERANCE = 1e-4
 #: Attack parameters that differ between runs of one audit (``--seed``), not in what it measures.
 RUN_PARAMETERS = frozenset({"seed"})
-#: How ``_differences`` begins its phrases about the attacks (``Comparison.mixed_budgets``).
-ATTACK_DIFFERENCES = ("suite", "attack parameters")
 MCNEMAR = "McNemar exact (paired)"
 TWO_PROPORTION = "two-proportion z (unpaired)"
 
@@ -125,6 +123,16 @@ class Side:
 
 
 @dataclass(frozen=True)
+class Difference:
+    """One way the two audits measure different things: its kind decides what it undoes (other
+    data: no pairing of samples; other attacks: a difference may be the attacks', not the
+    models') and its text says it."""
+
+    kind: Literal["data", "threat", "attacks"]
+    text: str
+
+
+@dataclass(frozen=True)
 class Comparison:
     a: Side
     b: Side
@@ -132,14 +140,14 @@ class Comparison:
     n: tuple[int, int]
     rows: tuple[Row, ...]  #: clean first, then each eps of either audit, ascending
     checks: tuple[CheckChange, ...]  #: checks whose status changed
-    differences: tuple[str, ...]  #: what differs in data, threat or attacks (only when forced)
+    differences: tuple[Difference, ...]  #: what differs in data, threat or attacks (only when forced)
     pairing: str  #: whether the per-sample results paired the samples (McNemar), or why not
 
     @property
     def mixed_budgets(self) -> str | None:
         """The warning that leads the conclusion when the two audits ran other attacks or other
         attack parameters (forced): a difference may be the attacks', not the models'."""
-        mixed = [d for d in self.differences if d.startswith(ATTACK_DIFFERENCES)]
+        mixed = [d.text for d in self.differences if d.kind == "attacks"]
         if not mixed:
             return None
         return (f"WARNING: this comparison mixes attack budgets ({'; '.join(mixed)}): a difference, significant "
@@ -152,15 +160,16 @@ class Comparison:
         lines.append(f"significant differences (B - A, alpha {ALPHA}): {', '.join(better)}" if better
                      else f"no significant difference at any eps (alpha {ALPHA})")
         lines.append(f"per-sample results: {self.pairing}")
-        lines += [f"compared although they differ: {d}" for d in self.differences
-                  if not d.startswith(ATTACK_DIFFERENCES)]  # those lead, in mixed_budgets
+        lines += [f"compared although they differ: {d.text}" for d in self.differences
+                  if d.kind != "attacks"]  # those lead, in mixed_budgets
         lines += [f"{side.label}: {side.verdict}" for side in (self.a, self.b) if side.trust not in ("pass", "")]
         return lines
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"a": self.a.to_json_dict(), "b": self.b.to_json_dict(), "norm": self.norm, "n": list(self.n),
                 "alpha": ALPHA, "rows": [r.to_json_dict() for r in self.rows],
-                "checks_changed": [c.to_json_dict() for c in self.checks], "differences": list(self.differences),
+                "checks_changed": [c.to_json_dict() for c in self.checks],
+                "differences": [d.text for d in self.differences],
                 "pairing": self.pairing, "conclusion": self.lines()}
 
 
@@ -172,9 +181,10 @@ def compare_reports(a: Audit, b: Audit, *, force: bool = False) -> Comparison:
     """
     differences = tuple(_differences(a.report, b.report))
     if differences and not force:
-        raise AuditsDiffer(f"the audits differ in {'; '.join(differences)}: their figures are not comparable "
+        raise AuditsDiffer(f"the audits differ in {'; '.join(d.text for d in differences)}: their figures are not "
+                           "comparable "
                            "(--force compares them anyway)")
-    same_samples = not any(d.startswith("data") for d in differences)
+    same_samples = not any(d.kind == "data" for d in differences)
     paired_a, why_a = _paired(a, same_samples)
     paired_b, why_b = _paired(b, same_samples)
     both = (paired_a, paired_b) if paired_a is not None and paired_b is not None else None
@@ -198,30 +208,33 @@ def _side(audit: Audit) -> Side:
                 summary.get("verdict", ""))
 
 
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Difference]:
     """What makes the two audits measure different things, one phrase each."""
     found = []
     if a["data"].get("sha256") != b["data"].get("sha256") or a["n"] != b["n"]:
-        found.append(f"data ({a['data'].get('source')} sha256 {str(a['data'].get('sha256'))[:12]}, n = {a['n']} vs "
-                     f"{b['data'].get('source')} sha256 {str(b['data'].get('sha256'))[:12]}, n = {b['n']})")
+        found.append(Difference("data", f"data ({a['data'].get('source')} sha256 {str(a['data'].get('sha256'))[:12]}, "
+                                        f"n = {a['n']} vs {b['data'].get('source')} sha256 "
+                                        f"{str(b['data'].get('sha256'))[:12]}, n = {b['n']})"))
     threat_a, threat_b = a["threat"], b["threat"]
     for key in ("norm", "bounds", "targeted"):
         if threat_a.get(key) != threat_b.get(key):
-            found.append(f"threat {key} ({threat_a.get(key)} vs {threat_b.get(key)})")
+            found.append(Difference("threat", f"threat {key} ({threat_a.get(key)} vs {threat_b.get(key)})"))
     eps_a, eps_b = _eps_list(threat_a), _eps_list(threat_b)
     if len(eps_a) != len(eps_b) or not all(_same_eps(x, y) for x, y in zip(eps_a, eps_b)):
-        found.append(f"threat eps ({','.join(map(eps_text, eps_a))} vs {','.join(map(eps_text, eps_b))})")
+        found.append(Difference("threat", f"threat eps ({','.join(map(eps_text, eps_a))} vs "
+                                          f"{','.join(map(eps_text, eps_b))})"))
     suite_a, suite_b = a["config"]["suite"]["name"], b["config"]["suite"]["name"]
     attacks_a, attacks_b = a["config"].get("attacks"), b["config"].get("attacks")
     if suite_a != suite_b or attacks_a != attacks_b:
-        found.append(f"suite ({suite_a}: {', '.join(attacks_a or [])} vs {suite_b}: {', '.join(attacks_b or [])})")
+        found.append(Difference("attacks", f"suite ({suite_a}: {', '.join(attacks_a or [])} vs {suite_b}: "
+                                           f"{', '.join(attacks_b or [])})"))
     params_a, params_b = _attack_params(a), _attack_params(b)
     changed = [f"{attack} {key} {params_a[attack].get(key)} vs {params_b[attack].get(key)}"
                for attack in params_a if attack in params_b
                for key in sorted((set(params_a[attack]) | set(params_b[attack])) - RUN_PARAMETERS)
                if params_a[attack].get(key) != params_b[attack].get(key)]
     if changed:
-        found.append(f"attack parameters ({'; '.join(changed)})")
+        found.append(Difference("attacks", f"attack parameters ({'; '.join(changed)})"))
     return found
 
 
