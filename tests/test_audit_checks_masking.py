@@ -178,3 +178,19 @@ def test_a_saturated_softmax_fails_only_an_audit_without_a_margin_loss(wrapped_w
     assert result.exit_code == code, result.output
     status = {c["name"]: c["status"] for c in json.loads((tmp_path / "r" / "report.json").read_text())["checks"]}
     assert (status["gradients"], status["large-eps probe"]) == (gradients, probe), status
+
+
+def test_attacks_say_whether_they_follow_cross_entropy() -> None:
+    """What the saturation rule reads: a fixed loss on the class, else the ``loss`` parameter, else
+    cross-entropy (a check then errs toward failing)."""
+    from robustkit_torchattacks import attacks as ta
+
+    from robustkit.attacks.apgd import APGD, APGDT
+    from robustkit.attacks.fmn import FMN
+    from robustkit.attacks.native import PGD
+
+    assert not APGDT().follows_cross_entropy() and not FMN().follows_cross_entropy()
+    assert APGD().follows_cross_entropy() and not APGD(loss="dlr").follows_cross_entropy()
+    assert PGD().follows_cross_entropy() and not PGD(loss="margin").follows_cross_entropy()
+    assert not ta.APGDT().follows_cross_entropy() and not ta.CW().follows_cross_entropy()
+    assert ta.PGD().follows_cross_entropy()  # names no loss: counted as cross-entropy

@@ -196,6 +196,8 @@ class APGDT(Attack):
     the class. Each target's runs attack only the samples the earlier ones left standing.
     """
 
+    fixed_loss = "dlr"
+
     name = "apgd-t"
     aliases = ("apgdt",)
     norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})

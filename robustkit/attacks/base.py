@@ -88,6 +88,16 @@ class Attack(Configurable, ABC):
     #: ``radii``): the norm of what it finds settles the sample at every eps at once, so the
     #: engine runs it once per sample, in the ball of the largest eps where the sample stands.
     minimum_norm: ClassVar[bool] = False
+    #: The loss its gradient steps follow when the attack fixes it ("dlr", "margin", "ce"); None:
+    #: its ``loss`` parameter says, else cross-entropy is assumed (``follows_cross_entropy``).
+    fixed_loss: ClassVar[str | None] = None
+
+    def follows_cross_entropy(self) -> bool:
+        """Whether its gradient steps follow cross-entropy, whose gradient vanishes when the softmax
+        saturates (huge logits); DLR and margin losses keep one at any scale of the logits. An
+        attack that names no loss counts as cross-entropy, so a check relying on this errs toward
+        failing."""
+        return (self.fixed_loss or getattr(self.params, "loss", "ce")) not in ("dlr", "margin")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"

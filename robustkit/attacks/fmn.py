@@ -428,6 +428,7 @@ class FMN(Attack):
     name = "fmn"
     norms = _NORMS
     Params = FMNParams
+    fixed_loss = "margin"  # logit differences: its steps keep a gradient at any scale of the logits
     minimum_norm = True
     summary = "minimum-norm search with an adaptive radius, linf and l2 (Pintor et al., 2021)"
 

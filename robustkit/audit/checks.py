@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustkit.attacks.apgd import APGDT
 from robustkit.attacks.base import Attack
-from robustkit.attacks.fmn import FMN
 from robustkit.attacks.native import margin_loss
 from robustkit.audit.engine import Evaluation, NamedAttack
 from robustkit.models.loading import OutputCheck
@@ -139,15 +137,6 @@ def attacks_that_ran(suite: Sequence[NamedAttack], evaluation: Evaluation) -> li
     return [a for a in suite if a.name not in failed]
 
 
-def saturates(attack: Attack) -> bool:
-    """Whether a gradient attack follows cross-entropy, whose gradient vanishes when the softmax
-    saturates (huge logits); a loss robustkit cannot name counts as cross-entropy. The DLR loss
-    and the C&W margin keep a gradient at any scale of the logits."""
-    if isinstance(attack, (APGDT, FMN)):  # fixed losses: the targeted DLR, the margin
-        return False
-    return getattr(attack.params, "loss", "ce") not in ("dlr", "margin")
-
-
 def _input_gradients(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
     """Input gradients of the margin loss (true logit minus the best other: only masking zeroes
     it, whatever the logits' scale) and of cross-entropy (a saturated softmax zeroes it too);
@@ -197,8 +186,8 @@ def gradients(model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack]
         return Check("gradients", "fail", detail + ": gradients are masked (quantisation or a non-differentiable "
                      "layer); trust only gradient-free attacks")
     white_box = [a for a in attacks if a.attack.needs_gradients]
-    ce_names = ", ".join(a.name for a in white_box if saturates(a.attack))
-    margin_names = ", ".join(a.name for a in white_box if not saturates(a.attack))
+    ce_names = ", ".join(a.name for a in white_box if a.attack.follows_cross_entropy())
+    margin_names = ", ".join(a.name for a in white_box if not a.attack.follows_cross_entropy())
     if not ce_names or _share_status(ce_share - masked_share) == "pass":
         return Check("gradients", _share_status(masked_share), detail)
     if not margin_names:
@@ -284,7 +273,7 @@ def large_eps_probe(inputs: CheckInputs) -> Check:
         return Check("large-eps probe", "warn", f"not checked: {named.name} has no linf mode")
     chance = 1.0 / inputs.num_classes
     others = [a for a in inputs.attacks if a.name != named.name and named.attack.needs_gradients
-              and a.attack.needs_gradients and not saturates(a.attack) and Norm.LINF in a.attack.norms]
+              and a.attack.needs_gradients and not a.attack.follows_cross_entropy() and Norm.LINF in a.attack.norms]
     standing = _robust_accuracy(inputs, named.attack, probe).cpu()
     accuracy = float(standing.float().mean())
     detail = f"{named.name} at linf {eps_text(probe.eps)} leaves {accuracy:.1%} accuracy"

@@ -400,6 +400,7 @@ class CW(ArtAttack):
     """
 
     name = "cw"
+    fixed_loss = "margin"
     aliases = ("carlini-wagner",)
     norms = frozenset({Norm.L2, Norm.LINF})
     Params = CWParams
@@ -435,6 +436,7 @@ class DeepFool(ArtAttack):
     """DeepFool (Moosavi-Dezfooli et al.): minimal l2 steps to the nearest linearised boundary."""
 
     name = "deepfool"
+    fixed_loss = "margin"
     norms = frozenset({Norm.L2})
     Params = DeepFoolParams
     supports_targeted = False

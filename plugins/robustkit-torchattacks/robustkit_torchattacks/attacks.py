@@ -292,6 +292,7 @@ class APGD(TorchattacksAttack):
 
 class APGDT(TorchattacksAttack):
     name = "apgdt"
+    fixed_loss = "dlr"
     library = dict.fromkeys(_LINF_L2, "APGDT")
     Params = APGDTParams
     norm_kwarg = seeds_itself = True
@@ -301,6 +302,7 @@ class APGDT(TorchattacksAttack):
 
 class FAB(TorchattacksAttack):
     name = "fab"
+    fixed_loss = "margin"
     library = dict.fromkeys(_LINF_L2, "FAB")  # its L1 branch fails in torchattacks 3.5.1
     Params = FABParams
     norm_kwarg = seeds_itself = True
@@ -335,6 +337,7 @@ class AutoAttack(TorchattacksAttack):
 
 class CW(TorchattacksAttack):
     name = "cw"
+    fixed_loss = "margin"
     library = {Norm.L2: "CW"}
     Params = CWParams
     eps_kwarg = False
@@ -344,6 +347,7 @@ class CW(TorchattacksAttack):
 
 class DeepFool(TorchattacksAttack):
     name = "deepfool"
+    fixed_loss = "margin"
     library = {Norm.L2: "DeepFool"}
     Params = DeepFoolParams
     eps_kwarg = False
