@@ -194,3 +194,23 @@ def test_attacks_say_whether_they_follow_cross_entropy() -> None:
     assert PGD().follows_cross_entropy() and not PGD(loss="margin").follows_cross_entropy()
     assert not ta.APGDT().follows_cross_entropy() and not ta.CW().follows_cross_entropy()
     assert ta.PGD().follows_cross_entropy()  # names no loss: counted as cross-entropy
+
+
+def test_on_a_saturated_softmax_the_checks_rerun_the_margin_attack(wrapped_weights, tmp_path):
+    """APGD-CE stands still on a saturated softmax: the checks that rerun an iterative attack
+    would all say "untested"; they rerun APGD-T (DLR), which the default suite has."""
+    result = _audit(wrapped_weights, "scaled_mlp", tmp_path / "r", *LIGHT)
+    assert result.exit_code == 0, result.output
+    found = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["checks"]}
+    for name in ("iterative >= fgsm", "monotone in eps", "convergence"):
+        assert found[name]["status"] == "pass", found[name]
+        assert "robustkit:apgd-t" in found[name]["detail"], found[name]
+
+
+def test_the_checks_rerun_cross_entropy_apgd_where_the_softmax_does_not_saturate(trained):
+    from robustkit.audit.run import _checks_iterative
+
+    net, x, y = trained
+    assert _checks_iterative([CE, DLR], net, x, y) is CE
+    assert _checks_iterative([CE, DLR], Scaled(net), x, y) is DLR
+    assert _checks_iterative([CE, SQUARE], Scaled(net), x, y) is CE  # nothing better: the gradients check fails

@@ -166,6 +166,21 @@ def _share_status(share: float) -> Status:
     return "fail" if share > GRADIENT_FAIL_SHARE else "warn" if share > GRADIENT_WARN_SHARE else "pass"
 
 
+def _saturated_share(masked: Tensor, ce_grad: Tensor) -> float:
+    """Share of samples whose cross-entropy gradient vanished but whose margin gradient did not."""
+    return float((_vanished(ce_grad) & ~masked).float().mean())
+
+
+def softmax_saturates(model: Model, x: Tensor, y: Tensor) -> bool:
+    """True when enough samples' cross-entropy gradient vanishes while the margin's does not
+    (logits so large that the softmax is one-hot) for the gradients check to call it out: a
+    cross-entropy attack then stands still there, and a check that reruns one tests nothing."""
+    found = _input_gradients(model, x, y) if isinstance(model, nn.Module) and len(x) else None
+    if found is None:
+        return False
+    return _share_status(_saturated_share(_vanished(found[0]), found[1])) != "pass"
+
+
 def gradients(model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack]) -> Check:
     """Share of samples whose input gradient is zero or not finite. A vanishing margin gradient
     is masking; a vanishing cross-entropy gradient alone is a saturated softmax, which overstates
@@ -179,7 +194,9 @@ def gradients(model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack]
                      f"all on {len(x)} samples (argmax, a detached or integer output?); gradient attacks cannot "
                      "run: trust only gradient-free attacks")
     masked = _vanished(found[0])
-    masked_share, ce_share = float(masked.float().mean()), float((masked | _vanished(found[1])).float().mean())
+    masked_share = float(masked.float().mean())
+    saturated_share = _saturated_share(masked, found[1])
+    ce_share = masked_share + saturated_share
     detail = (f"{masked_share:.1%} of {len(x)} samples have a zero or non-finite input gradient of the margin loss, "
               f"{ce_share:.1%} of cross-entropy")
     if _share_status(masked_share) == "fail":
@@ -188,7 +205,7 @@ def gradients(model: Model, x: Tensor, y: Tensor, attacks: Sequence[NamedAttack]
     white_box = [a for a in attacks if a.attack.needs_gradients]
     ce_names = ", ".join(a.name for a in white_box if a.attack.follows_cross_entropy())
     margin_names = ", ".join(a.name for a in white_box if not a.attack.follows_cross_entropy())
-    if not ce_names or _share_status(ce_share - masked_share) == "pass":
+    if not ce_names or _share_status(saturated_share) == "pass":
         return Check("gradients", _share_status(masked_share), detail)
     if not margin_names:
         return Check("gradients", _share_status(ce_share), detail + f": the softmax saturates; the cross-entropy "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from robustkit.attacks.base import Attack
 from robustkit.audit import checks
@@ -379,6 +380,20 @@ def _pick(suite: list[NamedAttack], predicate: Any, *, first: bool = False) -> N
     return (found[0] if first else found[-1]) if found else None
 
 
+def _checks_iterative(ran: list[NamedAttack], model: Any, x: Tensor, y: Tensor) -> NamedAttack | None:
+    """The iterative attack the checks rerun in other settings: the first eps-bounded one (APGD
+    in the suites; a minimum-norm search such as FMN answers other eps only at many times the
+    cost), but one whose loss does not saturate (APGD-T's DLR) when the softmax does: a
+    cross-entropy attack stands still there and every check rerunning it would test nothing."""
+    def bounded(a: NamedAttack) -> bool:
+        return a.attack.needs_gradients and not a.name.endswith(":fgsm") and not a.attack.minimum_norm
+
+    first = _pick(ran, bounded, first=True)
+    if first is None or not first.attack.follows_cross_entropy() or not checks.softmax_saturates(model, x, y):
+        return first
+    return _pick(ran, lambda a: bounded(a) and not a.attack.follows_cross_entropy(), first=True) or first
+
+
 def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation, suite: list[NamedAttack],
                output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
     x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
@@ -389,10 +404,7 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
     informative = checks.informative_eps(evaluation)
     middle = informative if informative is not None else (eps[len(eps) // 2] if eps else 0.0)
     fgsm = _pick(ran, lambda a: a.attack.needs_gradients and a.name.endswith(":fgsm"))
-    # the first eps-bounded iterative attack (APGD in the suites): checks rerun it with other
-    # settings, which a minimum-norm search (FMN) answers only at many times the cost
-    iterative = _pick(ran, lambda a: a.attack.needs_gradients and not a.name.endswith(":fgsm")
-                      and not a.attack.minimum_norm, first=True)
+    iterative = _checks_iterative(ran, model, x_sub, y_sub)
     free = _pick(ran, lambda a: not a.attack.needs_gradients)
     inputs = checks.CheckInputs(model, x_sub, y_sub, ThreatModel(config.norm, middle, data.bounds), eps,
                                 fgsm, iterative, free, num_classes, config.batch_size, ran)
