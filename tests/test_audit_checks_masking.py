@@ -214,3 +214,17 @@ def test_the_checks_rerun_cross_entropy_apgd_where_the_softmax_does_not_saturate
     assert _checks_iterative([CE, DLR], net, x, y) is CE
     assert _checks_iterative([CE, DLR], Scaled(net), x, y) is DLR
     assert _checks_iterative([CE, SQUARE], Scaled(net), x, y) is CE  # nothing better: the gradients check fails
+
+
+def test_a_wrong_certificate_is_found_by_the_gradient_free_attack_when_gradients_mislead(trained):
+    """Proofs skip samples in every attack: the check that tests them must not rely on gradients
+    alone, which a masked model withholds (here: proofs claimed at eps 0.3 for a rounding MLP)."""
+    net, x, y = trained
+    model = Rounded(net)
+    evaluation = Evaluation([ThreatModel(Norm.LINF, 0.3)], torch.ones(len(x), dtype=torch.bool), [], cascade=True,
+                            certification="linear bound propagation (CROWN)")
+    evaluation.proven = torch.full((len(x),), 0.3)
+    gradient_only = checks.certificates_hold(model, x, y, evaluation, (CE, None), 24, 256)
+    assert gradient_only.status == "pass", gradient_only  # the masked gradient hides the wrong proofs
+    both = checks.certificates_hold(model, x, y, evaluation, (CE, SQUARE), 24, 256)
+    assert both.status == "fail" and "robustkit:apgd and robustkit:square" in both.detail, both

@@ -313,8 +313,16 @@ def _hooked() -> nn.Module:
     return net
 
 
+def _forward_on_the_object() -> nn.Module:
+    """A forward set on the object, not the class: a class-level check misses it."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    net.forward = lambda x: torch.zeros(len(x), 10)  # type: ignore[method-assign]
+    return net
+
+
 @pytest.mark.parametrize(("model", "shape", "reason"), [
     (lambda x: x.flatten(1)[:, :10], (1, 8, 8), "not a torch module"),
+    (_forward_on_the_object(), (1, 8, 8), "has a forward of its own, set on the object"),
     (nn.Sequential(nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(36, 10)), (1, 8, 8), "non-overlapping"),
     (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(256, 10)),
      (1, 8, 8), "padding modes"),
@@ -332,12 +340,30 @@ def _hooked() -> nn.Module:
     (nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).half(), (1, 8, 8), "torch.float16 models are not supported"),
     (nn.Sequential(nn.Flatten(), nn.Linear(64, 32).double(), nn.ReLU(), nn.Linear(32, 10)), (1, 8, 8),
      "mixes dtypes"),
-], ids=["function", "overlapping-maxpool", "reflect-padding", "large-input", "sigmoid", "batchnorm-no-stats",
-        "not-scores", "overridden-forward", "forward-hook", "residual", "overridden-standardize", "half",
-        "mixed-dtypes"])
+], ids=["function", "object-forward", "overlapping-maxpool", "reflect-padding", "large-input", "sigmoid",
+        "batchnorm-no-stats", "not-scores", "overridden-forward", "forward-hook", "residual", "overridden-standardize",
+        "half", "mixed-dtypes"])
 def test_unsupported_models_are_refused_with_the_reason(model, shape, reason):
     with pytest.raises(Unsupported, match=reason.replace("(", r"\(").replace(")", r"\)")):
         Certifier(model, shape, CPU)
+
+
+def test_a_model_that_computes_other_than_its_layers_gets_no_certificates(cnn, digits):
+    """A global forward hook changes every module's output, unseen by the layer walk: only
+    running the layers against the model's own output finds it."""
+    threat = ThreatModel(Norm.LINF, 0.1)
+    certifier = Certifier(cnn, (1, 8, 8), CPU)
+    certifier.check_reproduces(digits.x[:32], threat)  # the honest model: its layers are its output
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output.flip(1) if module is cnn else None)
+    try:
+        with pytest.raises(Unsupported, match="not what its layers compute"):
+            certifier.check_reproduces(digits.x[:32], threat)
+        evaluation = evaluate(cnn, digits.x[:32], digits.y[:32], [NamedAttack("fgsm", FGSM())], [threat],
+                              certify=True)
+        assert evaluation.proven is None and "not what its layers compute" in evaluation.certification
+    finally:
+        handle.remove()
 
 
 def test_unsupported_norm_and_empty_batches(cnn, digits):

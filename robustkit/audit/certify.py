@@ -133,11 +133,18 @@ class _Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+#: What runs when a module is called: a class or an object that sets one of these computes
+#: something else than the layer bounded here.
+_CALL_PATH = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
+
+
 def _leaves(module: nn.Module) -> Iterator[nn.Module]:
-    # a subclass that overrides forward computes something else than the layer bounded here
-    if any(isinstance(module, cls) and type(module).forward is not cls.forward for cls in _KNOWN):
+    known = next((cls for cls in _KNOWN if isinstance(module, cls)), None)
+    if known is not None and any(getattr(type(module), name) is not getattr(known, name) for name in _CALL_PATH):
         raise Unsupported(f"{type(module).__name__} overrides its layer's forward; only the torch layers "
                           "themselves are supported")
+    if set(_CALL_PATH) & set(vars(module)):
+        raise Unsupported(f"this {type(module).__name__} has a forward of its own, set on the object")
     if module._forward_hooks or module._forward_pre_hooks:  # they can change what a layer computes
         raise Unsupported(f"{type(module).__name__} has forward hooks, which the bounds cannot see")
     if isinstance(module, nn.Sequential):
@@ -400,6 +407,32 @@ class Certifier:
             raise Unsupported("the model's output is not (N, classes) scores")
         self.classes = probe.shape[1]
         self.widest = max(math.prod(in_shape) for _, in_shape in self.leaves)
+
+    @torch.no_grad()
+    def check_reproduces(self, x: Tensor, threat: ThreatModel, seed: int = 0) -> None:
+        """Raise ``Unsupported`` unless the layers found, run in turn, give the model's own
+        logits on ``x`` and on random points of the threat ball around it: the bounds are about
+        those layers, so a model that computes anything else (a global hook, a patched call, a
+        wrapper the layer walk cannot see) would get certificates about another function."""
+        if not len(x):
+            return
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.rand(x.shape, generator=generator, dtype=torch.float64) * 2 - 1
+        if threat.norm is Norm.L2:
+            noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        low, high = threat.bounds
+        nearby = (x.double() + threat.eps * noise.to(x.device)).clamp(low, high)
+        with eval_mode(self.model):
+            for points in (x.to(self.device, self.dtype), nearby.to(self.device, self.dtype)):
+                expected = self.model(points)
+                found = points
+                for module, _ in self.leaves:
+                    found = module(found)
+                scale = float(found.abs().max().clamp_min(1))
+                if not isinstance(expected, Tensor) or expected.shape != found.shape or not torch.allclose(
+                        found.double(), expected.double(), rtol=1e-5, atol=1e-5 * scale):
+                    raise Unsupported("the model's output is not what its layers compute in turn (a hook, a "
+                                      "patched forward or call?): the bounds would be about another function")
 
     @torch.no_grad()
     def certify(self, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:

@@ -363,12 +363,14 @@ def validity(evaluation: Evaluation) -> Check:
     return Check("valid examples", "warn", f"examples rejected by the fp32 check and not counted ({listing})")
 
 
-def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation, iterative: NamedAttack | None,
-                      samples: int, batch_size: int) -> Check:
+def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation,
+                      attacks: Sequence[NamedAttack | None], samples: int, batch_size: int) -> Check:
     """Attack samples the certifier proved robust, at the largest eps it proved any: none may fall.
 
     The engine skips proven samples, so a wrong certificate would inflate robust accuracy
-    silently; this is the independent test of the proofs the audit relied on.
+    silently; this is the independent test of the proofs the audit relied on. ``attacks``: the
+    suite's iterative white-box attack and its gradient-free one, so that a model whose
+    gradients mislead does not hide a wrong proof.
     """
     name = "certificates hold"
     if evaluation.certification.startswith("unsupported"):
@@ -378,15 +380,18 @@ def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation
     proven_to = evaluation.proven_to()
     if not bool((proven_to > 0).any()):
         return Check(name, "pass", "no sample was proven robust at any eps: every sample was attacked")
-    if iterative is None:
-        return Check(name, "warn", "not checked: no iterative white-box attack in the suite")
+    attackers = [a for a in attacks if a is not None]
+    if not attackers:
+        return Check(name, "warn", "not checked: no iterative or gradient-free attack in the suite")
     eps = float(proven_to.max())
     index = (proven_to >= eps).nonzero().squeeze(1)[:samples]
     threat = evaluation.threats[0].with_eps(eps)
-    standing = _standing(model, x[index], y[index], iterative.attack, threat, batch_size)
+    standing = torch.ones(len(index), dtype=torch.bool)
+    for named in attackers:
+        standing &= _standing(model, x[index], y[index], named.attack, threat, batch_size).cpu()
     broken = int((~standing).sum())
-    detail = (f"{iterative.name} at eps {eps_text(eps)} broke {broken} of {len(index)} samples proven robust "
-              f"({evaluation.certification})")
+    detail = (f"{' and '.join(a.name for a in attackers)} at eps {eps_text(eps)} broke {broken} of {len(index)} "
+              f"samples proven robust ({evaluation.certification})")
     if broken == 0:
         return Check(name, "pass", detail)
     return Check(name, "fail", detail + ": a certificate is wrong for this model; rerun with --no-certify")

@@ -53,7 +53,7 @@ from robustkit.console import progress
 from robustkit.distributed import DistContext, all_reduce_max_, all_reduce_min_, all_reduce_sum
 from robustkit.errors import RobustkitError, one_line
 from robustkit.modules import Model, fast_layout, predict_logits
-from robustkit.threat import TOLERANCE, Norm, ThreatModel, eps_text, per_sample_norm
+from robustkit.threat import TOLERANCE, ThreatModel, eps_text, per_sample_norm
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def evaluate(
         ]
         evaluation = Evaluation(list(threats), clean_correct, outcomes, cascade,
                                 gradient_free_shortcut=gradient_free_shortcut)
-        certifier = _certifier(model, x, threats[0].norm, device, evaluation) if certify else None
+        certifier = _certifier(model, x, max(threats, key=lambda t: t.eps), device, evaluation) if certify else None
         total = len(threats) * len(attacks)
         try:
             with progress() as bar:
@@ -576,11 +576,13 @@ def _attack_subset(
     return {e: all_reduce_sum(s, dist_ctx) for e, s in seconds.items()}, int(all_reduce_sum(rejected, dist_ctx))
 
 
-def _certifier(model: Model, x: Tensor, norm: Norm, device: torch.device, evaluation: Evaluation) -> Certifier | None:
+def _certifier(model: Model, x: Tensor, largest: ThreatModel, device: torch.device,
+               evaluation: Evaluation) -> Certifier | None:
     """A certifier for the model, or None with the reason recorded (nothing is skipped then)."""
     try:
-        check_norm(norm)
+        check_norm(largest.norm)
         certifier = Certifier(model, tuple(x.shape[1:]), device)
+        certifier.check_reproduces(x[:CERTIFY_PILOT].to(device), largest)
     except Unsupported as reason:
         evaluation.certification = f"unsupported: {reason}"
         return None

@@ -410,8 +410,9 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
                                 fgsm, iterative, free, num_classes, config.batch_size, ran)
     found = [checks.determinism(model, data.x), checks.outputs(output_check),
              checks.gradients(model, x_sub, y_sub, ran), checks.validity(evaluation),
-             checks.certificates_hold(model, data.x, data.y, evaluation, iterative, config.check_samples,
-                                      config.batch_size),
+             _attack_rerun("certificates hold", lambda _: checks.certificates_hold(
+                 model, data.x, data.y, evaluation, (iterative, free), config.check_samples, config.batch_size),
+                 inputs),
              checks.gradient_free_vs_white_box(evaluation, {a.name for a in suite if not a.attack.needs_gradients}),
              checks.confidence(evaluation, worst)]
     if len(x_sub):
