@@ -194,6 +194,7 @@ def test_checks_stay_quiet_on_a_plain_model(weights):
     status = {c["name"]: c["status"] for c in report["checks"]}
     for name in (
         "deterministic",
+        "stateless",
         "logits",
         "gradients",
         "valid examples",

@@ -228,3 +228,56 @@ def test_a_wrong_certificate_is_found_by_the_gradient_free_attack_when_gradients
     assert gradient_only.status == "pass", gradient_only  # the masked gradient hides the wrong proofs
     both = checks.certificates_hold(model, x, y, evaluation, (CE, SQUARE), 24, 256)
     assert both.status == "fail" and "robustkit:apgd and robustkit:square" in both.detail, both
+
+
+class Remembering(Wrap):
+    """Answers any input within linf 0.15 of one it has seen as that one (a stateful defence): the
+    audit asks the clean data first, so every attack's query gets a clean answer."""
+
+    def __init__(self, net: nn.Module | None = None) -> None:
+        super().__init__(net)
+        self.memory = torch.empty(0, 64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.detach().flatten(1)
+        anchors = flat.clone()
+        if len(self.memory):
+            distance, nearest = torch.cdist(flat, self.memory, p=float("inf")).min(1)
+            seen = distance <= 0.15
+            anchors[seen] = self.memory[nearest[seen]]
+            flat = flat[~seen]
+        self.memory = torch.cat([self.memory, flat])
+        return self.net(anchors.view_as(x) + (x - x.detach()))  # the honest gradient, the remembered answer
+
+
+def remembering_mlp() -> nn.Module:
+    return Remembering()
+
+
+def test_a_model_that_remembers_its_queries_fails_the_stateless_check(wrapped_weights, tmp_path):
+    result = _audit(wrapped_weights, "remembering_mlp", tmp_path / "r", "--suite", "quick", "--eps", "0.05,0.1")
+    assert result.exit_code == 3, result.output
+    found = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["checks"]}
+    assert found["stateless"]["status"] == "fail", found["stateless"]
+    assert found["deterministic"]["status"] == "pass"  # asking the same input twice does not show it
+
+
+@pytest.mark.parametrize("arch", ["plain_mlp", "builtin:digits-cnn"])
+def test_a_stateless_model_passes_the_stateless_check(wrapped_weights, cnn_weights, tmp_path, arch):
+    if arch.startswith("builtin:"):
+        result = CliRunner().invoke(cli, ["audit", str(cnn_weights), "--arch", arch, "--data", "builtin:digits",
+                                          "--limit", "40", "--suite", "quick", "--check-samples", "24",
+                                          "--out", str(tmp_path / "r")])
+    else:
+        result = _audit(wrapped_weights, arch, tmp_path / "r", "--suite", "quick")
+    found = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["checks"]}
+    assert found["stateless"]["status"] == "pass", (found["stateless"], result.output)
+
+
+class Plain(Wrap):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def plain_mlp() -> nn.Module:
+    return Plain()

@@ -124,6 +124,37 @@ def determinism(model: Model, x: Tensor) -> Check:
                  "needs attacks with expectation over transformation (EOT); plain attacks overstate robustness")
 
 
+def stateless(model: Model, fresh: Model | None, x: Tensor, threats: Sequence[ThreatModel], seed: int = 0) -> Check:
+    """A copy of the model loaded afresh, asked first, must answer points near the data as the
+    audited model does after the whole audit: one that remembers earlier queries (a stateful
+    defence, a cache of seen inputs) answers the attacks' queries from its memory of the clean
+    data and keeps its figures, which then describe a query history, not the model.
+    ``fresh``: None when the model can hold no state (an ONNX graph)."""
+    name = "stateless"
+    if fresh is None:
+        return Check(name, "pass", "an ONNX graph keeps no state between runs")
+    if not len(x):
+        return Check(name, "untested", "no clean-correct sample to ask")
+    sign = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed)).to(x) * 2 - 1
+    # at every audited eps: a corner of the linf ball, a point on the l2/l1 sphere
+    nearby = torch.cat([threat.project(x, x + threat.eps * sign) for threat in threats])
+    seen, again = (predict_logits(model, x).float().cpu() for _ in range(2))  # points it has answered before
+    if not torch.allclose(seen, again, rtol=1e-5, atol=1e-5 * float(seen.abs().max().clamp_min(1))):
+        return Check(name, "untested", "not checked: repeated forward passes differ (see deterministic)")
+    first = predict_logits(fresh, nearby).float().cpu()  # the fresh copy's first query
+    audited = predict_logits(model, nearby).float().cpu()
+    scale = float(audited.abs().max().clamp_min(1))
+    differ = int((first.argmax(1) != audited.argmax(1)).sum())
+    gap = float((first - audited).abs().max())
+    detail = (f"a fresh copy and the audited model, on {len(x)} points at each eps from the data "
+              f"({len(nearby)} in all): {differ} decisions differ, logits by up to {gap:.2g}")
+    if differ == 0 and gap <= 1e-4 * scale:
+        return Check(name, "pass", detail)
+    return Check(name, "fail", detail + ": the model answers by what it was asked before (a memory of earlier "
+                 "inputs, statistics updated by queries); the figures describe this audit's query order, not the "
+                 "model: audit a model that keeps no state")
+
+
 def outputs(output_check: OutputCheck) -> Check:
     if output_check.warnings:
         return Check("logits", "warn", output_check.warnings[0])

@@ -395,7 +395,9 @@ def _checks_iterative(ran: list[NamedAttack], model: Any, x: Tensor, y: Tensor) 
 
 
 def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evaluation, suite: list[NamedAttack],
-               output_check: Any, worst: list[dict[str, Any]], num_classes: int) -> list[checks.Check]:
+               output_check: Any, worst: list[dict[str, Any]], num_classes: int,
+               reload: Callable[[], Any] | None = None) -> list[checks.Check]:
+    """The sanity checks; ``reload`` loads the model afresh (None: it holds no state, an ONNX graph)."""
     x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
     ran = checks.attacks_that_ran(suite, evaluation)  # a failed attack would fail again in a check
     eps = sorted(evaluation.eps)
@@ -408,7 +410,10 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
     free = _pick(ran, lambda a: not a.attack.needs_gradients)
     inputs = checks.CheckInputs(model, x_sub, y_sub, ThreatModel(config.norm, middle, data.bounds), eps,
                                 fgsm, iterative, free, num_classes, config.batch_size, ran)
-    found = [checks.determinism(model, data.x), checks.outputs(output_check),
+    found = [checks.determinism(model, data.x),
+             checks.stateless(model, reload() if reload is not None else None, x_sub,
+                              [ThreatModel(config.norm, e, data.bounds) for e in eps], config.seed),
+             checks.outputs(output_check),
              checks.gradients(model, x_sub, y_sub, ran), checks.validity(evaluation),
              _attack_rerun("certificates hold", lambda _: checks.certificates_hold(
                  model, data.x, data.y, evaluation, (iterative, free), config.check_samples, config.batch_size),
@@ -545,7 +550,12 @@ def _run_audit(config: AuditConfig, dist_ctx: DistContext) -> AuditReport:
             return []
         worst = [row.to_json_dict() for row in worst_case_rows(config.norm.value, evaluation)]
         return run_checks(config, loaded.model, data, evaluation, suite, output_check, worst,
-                          output_check.num_classes)
+                          output_check.num_classes, None if loaded.format == "onnx" else reload)
+
+    def reload() -> Any:
+        """The model as the audit loaded it, before any query (fresh weights drawn alike)."""
+        with seeded(config.seed, config.load.device):
+            return load_model(config.model, config.load).model
 
     evaluation, more = sanity_checks(config, evaluation, checks_found)
     found += more
