@@ -196,6 +196,7 @@ def test_checks_stay_quiet_on_a_plain_model(weights):
         "deterministic",
         "stateless",
         "logits",
+        "scores vary",
         "gradients",
         "valid examples",
         "iterative >= fgsm",

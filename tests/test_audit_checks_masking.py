@@ -281,3 +281,20 @@ class Plain(Wrap):
 
 def plain_mlp() -> nn.Module:
     return Plain()
+
+
+class Decided(Wrap):
+    """A hard decision plus a small smooth term: gradients and scores exist but follow the term."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        decision = F.one_hot(self.net(x).argmax(1), 10).float()
+        return decision * (10 + 1e-3 * ((x - 0.5) ** 2).flatten(1).sum(1, keepdim=True))
+
+
+def test_scores_that_are_a_decision_in_disguise_are_called_out(trained):
+    net, x, _ = trained
+    flat = checks.scores_vary(Decided(net), x)
+    assert flat.status == "warn" and "100% of 48 samples" in flat.detail, flat
+    honest = checks.scores_vary(net, x)
+    assert honest.status == "pass", honest
+    assert checks.scores_vary(Scaled(net), x).status == "pass"  # the margin's scale is not its spread

@@ -155,6 +155,32 @@ def stateless(model: Model, fresh: Model | None, x: Tensor, threats: Sequence[Th
                  "model: audit a model that keeps no state")
 
 
+#: Share of samples whose margin lies within ``FLAT_SPREAD`` of the median margin above which
+#: the scores count as flat.
+FLAT_SHARE, FLAT_SPREAD = 0.9, 0.01
+
+
+def scores_vary(model: Model, x: Tensor) -> Check:
+    """The margin (top score minus the next) must vary between inputs. Nearly the same margin
+    everywhere is a hard decision dressed as scores (``one_hot * c`` plus a small smooth term):
+    gradient and score-based attacks then follow the small term, which need not lead to the
+    decision boundary, and robust accuracy may be overstated. A warning, not a failure: a model
+    trained to one margin (heavy label smoothing) can show it honestly."""
+    name = "scores vary"
+    if len(x) < 10:
+        return Check(name, "untested", f"not checked: {len(x)} clean-correct samples, too few to compare")
+    top = predict_logits(model, x).float().topk(2, dim=1).values
+    margin = top[:, 0] - top[:, 1]
+    median = float(margin.median())
+    near = float(((margin - median).abs() <= FLAT_SPREAD * abs(median)).float().mean())
+    detail = f"{near:.0%} of {len(x)} samples have a margin within {FLAT_SPREAD:.0%} of the median, {median:.3g}"
+    if near < FLAT_SHARE:
+        return Check(name, "pass", detail)
+    return Check(name, "warn", detail + ": the scores are a hard decision with little else (or a model trained to "
+                 "one margin); gradient and score attacks get little signal from them, so robust accuracy may be "
+                 "overstated: check with a decision-based attack")
+
+
 def outputs(output_check: OutputCheck) -> Check:
     if output_check.warnings:
         return Check("logits", "warn", output_check.warnings[0])

@@ -413,7 +413,7 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
     found = [checks.determinism(model, data.x),
              checks.stateless(model, reload() if reload is not None else None, x_sub,
                               [ThreatModel(config.norm, e, data.bounds) for e in eps], config.seed),
-             checks.outputs(output_check),
+             checks.outputs(output_check), checks.scores_vary(model, x_sub),
              checks.gradients(model, x_sub, y_sub, ran), checks.validity(evaluation),
              _attack_rerun("certificates hold", lambda _: checks.certificates_hold(
                  model, data.x, data.y, evaluation, (iterative, free), config.check_samples, config.batch_size),
