@@ -42,6 +42,18 @@ def test_attack_contract(entry: Entry[Any]) -> None:
     check_attack_contract(entry.obj(**fast_params(entry.obj)))
 
 
+@pytest.mark.parametrize("entry", ALL_ATTACKS, ids=[e.qualified_name for e in ALL_ATTACKS])
+def test_an_empty_batch_gives_an_empty_result(entry: Entry[Any]) -> None:
+    """A filtered batch can come out empty (every sample already broken): no error, nothing asked."""
+    asked = []
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    net.register_forward_pre_hook(lambda module, args: asked.append(len(args[0])))
+    attack = entry.obj(**fast_params(entry.obj))
+    norm = Norm.LINF if Norm.LINF in attack.norms else next(iter(attack.norms))
+    result = attack(net, torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), threat=ThreatModel(norm, 0.1))
+    assert result.x_adv.shape == (0, 1, 8, 8) and result.success.shape == (0,) and not asked
+
+
 def test_contract_covers_the_native_attacks() -> None:
     assert {"robustkit:fgsm", "robustkit:pgd"} <= {e.qualified_name for e in ALL_ATTACKS}
 

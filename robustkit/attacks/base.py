@@ -131,6 +131,9 @@ class Attack(Configurable, ABC):
         if radii is not None:
             radii = self._check_radii(radii, len(x), threat)
         y = y.long()  # int32 labels are accepted; losses and scatter need int64 indices
+        if not len(x):  # nothing to attack (a filtered batch came out empty): the model is not asked
+            return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device),
+                                torch.empty(0, 0, device=x.device), 0.0)
         start = time.perf_counter()
         with eval_mode(model), fast_layout(model, x) as x_run:
             if threat.targeted and targets is None:
