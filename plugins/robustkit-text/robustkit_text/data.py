@@ -12,6 +12,7 @@ import csv
 import inspect
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -44,6 +45,9 @@ class TextDataset:
     train_labels: list[int] | None = None
     source: str = ""
     columns: Columns = field(default_factory=Columns)
+    #: where each evaluation (training) sample comes from, "FILE line N", for errors; empty: unknown
+    lines: list[str] = field(default_factory=list)
+    train_lines: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source or self.name, "n_eval": len(self.texts),
@@ -112,12 +116,26 @@ def load_text_data(ref: str, limit: int | None = None) -> TextDataset:
         if path.is_dir():
             data = _load_folder(path, columns)
         else:
-            texts, labels = read_file(path, columns)
-            data = TextDataset(path.stem, texts, labels, max(labels) + 1, source=str(path), columns=columns)
+            texts, labels, lines = _read(path, columns)
+            data = TextDataset(path.stem, texts, labels, max(labels) + 1, source=str(path), columns=columns,
+                               lines=lines)
     if limit is not None:
-        data.texts, data.labels = data.texts[:limit], data.labels[:limit]
+        data.texts, data.labels, data.lines = data.texts[:limit], data.labels[:limit], data.lines[:limit]
         data.train_texts = data.train_labels = None
+        data.train_lines = []
     return data
+
+
+def check_label_range(data: TextDataset, classes: int) -> None:
+    """A ``DataError`` naming the first sample whose label is no class of a model with ``classes``
+    outputs (labels are class indices 0..classes-1)."""
+    for labels, lines in ((data.labels, data.lines), (data.train_labels or [], data.train_lines)):
+        for index, label in enumerate(labels):
+            if label >= classes:
+                where = lines[index] if index < len(lines) else f"{data.source or data.name} sample {index + 1}"
+                raise DataError(f"{where}: label {label} is out of range: the model has {classes} outputs (classes "
+                                f"0..{classes - 1}) but the data has {data.num_classes} classes; give data with the "
+                                "model's classes, or a model with as many outputs as the data has classes")
 
 
 def _load_folder(path: Path, columns: Columns) -> TextDataset:
@@ -128,14 +146,21 @@ def _load_folder(path: Path, columns: Columns) -> TextDataset:
     if evaluation is None:
         raise DataError(f"{path}: a text data folder needs test.csv/.jsonl (or val) for the evaluation, "
                         "and train.csv/.jsonl for training")
-    texts, labels = read_file(evaluation, columns)
-    train_texts, train_labels = read_file(train, columns) if train is not None else (None, None)
+    texts, labels, lines = _read(evaluation, columns)
+    train_texts, train_labels, train_lines = _read(train, columns) if train is not None else (None, None, [])
     classes = max(labels + (train_labels or [])) + 1
-    return TextDataset(path.name, texts, labels, classes, train_texts, train_labels, str(path), columns)
+    return TextDataset(path.name, texts, labels, classes, train_texts, train_labels, str(path), columns,
+                       lines, train_lines)
 
 
 def read_file(path: Path, columns: Columns) -> tuple[list[str], list[int]]:
     """Texts and labels of one CSV or JSONL file; a ``DataError`` naming the line and the fix."""
+    texts, labels, _ = _read(path, columns)
+    return texts, labels
+
+
+def _read(path: Path, columns: Columns) -> tuple[list[str], list[int], list[str]]:
+    """``read_file``, with where each sample comes from ("FILE line N")."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported text data file; give a .csv or .jsonl with text and label columns")
@@ -152,7 +177,7 @@ def read_file(path: Path, columns: Columns) -> tuple[list[str], list[int]]:
     if not content.strip():
         raise DataError(f"{path}: empty file; give one sample per row with {columns.text!r} and {columns.label!r}")
     rows = _csv_rows(path, content) if suffix == ".csv" else _jsonl_rows(path, content)
-    texts, labels = [], []
+    texts, labels, lines = [], [], []
     for line, row in rows:
         missing = [c for c in (columns.text, columns.label) if c not in row]
         if missing:
@@ -164,9 +189,15 @@ def read_file(path: Path, columns: Columns) -> tuple[list[str], list[int]]:
             raise DataError(f"{path} line {line}: the text is empty or not a string; drop the row or fill it")
         texts.append(text)
         labels.append(_label(label, path, line))
+        lines.append(f"{path} line {line}")
     if not texts:
         raise DataError(f"{path}: a header but no samples")
-    return texts, labels
+    return texts, labels, lines
+
+
+#: A label as text: an optional minus sign and ASCII digits, nothing else (``--1``, ``²``, ``1_0``,
+#: other scripts' digits and ``1.0`` are not class indices).
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _label(value: Any, path: Path, line: int) -> int:
@@ -174,9 +205,10 @@ def _label(value: Any, path: Path, line: int) -> int:
         number = None
     elif isinstance(value, int):
         number = value
+    elif isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        number = int(value.strip())
     else:
-        text = str(value).strip()
-        number = int(text) if text.lstrip("-").isdigit() else None
+        number = None
     if number is None:
         raise DataError(f"{path} line {line}: label {value!r} is not an integer class index; map the labels to 0..C-1")
     if number < 0:
@@ -186,8 +218,17 @@ def _label(value: Any, path: Path, line: int) -> int:
 
 def _csv_rows(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(io.StringIO(content, newline=""))
+    rows = []
     try:
-        rows = [(reader.line_num, dict(row)) for row in reader]
+        for row in reader:
+            if None in row or None in row.values():  # csv.DictReader's restkey / restval: cells != columns
+                columns = len(reader.fieldnames or ())
+                cells = columns + len(row.get(None) or ()) - list(row.values()).count(None)
+                fix = ("quote a text that holds commas (\"a, b\")" if cells > columns
+                       else "fill the missing cells or drop the row")
+                raise DataError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} but the header "
+                                f"names {columns} columns; {fix}")
+            rows.append((reader.line_num, dict(row)))
     except csv.Error as err:
         raise DataError(f"{path} line {reader.line_num}: not valid CSV ({err})") from None
     if not reader.fieldnames:
@@ -197,7 +238,9 @@ def _csv_rows(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
 
 def _jsonl_rows(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for number, line in enumerate(content.splitlines(), start=1):
+    # lines end at \n only: str.splitlines() also splits at U+2028 and other characters that JSON
+    # strings may hold raw (a \r before the \n is JSON whitespace)
+    for number, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from robustkit_text.data import TextDataset
+
+log = logging.getLogger(__name__)
 
 FORMAT = "huggingface"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
@@ -69,9 +72,20 @@ class TextClassifier(nn.Module):
         special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
         self.special_ids = frozenset(int(i) for i in special) | frozenset(
             range(len(tokenizer), self.embedding.num_embeddings))
-        config = getattr(net, "config", None)
-        limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+        #: the unknown-word token: never written by an attack, but its positions are words of the
+        #: text (replacing an unknown word by a known one is a substitution), so they are editable
+        self.unk_id = _unk_id(tokenizer)
+        #: (V,) bool over the embedding rows: the token continues a word (WordPiece's ``##ing``; a
+        #: byte-level or SentencePiece token without its word-start marker). A substitution keeps
+        #: the kind of the token it replaces (``same_kind``), else it glues or splits words.
+        self.continuation_prefix = _continuation_prefix(tokenizer)
+        self.continues_word = _continues_word(tokenizer, self.embedding.num_embeddings, self.special_ids,
+                                              self.continuation_prefix)
+        self.position_limit = _position_limit(net)
+        limits = [self.position_limit, getattr(tokenizer, "model_max_length", None)]
         self.max_length = min([MAX_LENGTH] + [int(v) for v in limits if isinstance(v, int) and v > 0])
+        #: notes for the report's model notes (the loaded model's list: texts cut to the maximum length)
+        self.notes: list[str] = []
 
     def forward(self, ids: Tensor) -> Tensor:
         ids = ids.long()
@@ -112,7 +126,8 @@ class TextClassifier(nn.Module):
         call = "net(input_ids, attention_mask=mask)" if self.takes_mask else "net(input_ids)"
         where = "get_input_embeddings()" if self.embedding_path is None else self.embedding_path
         notes = [f"called as {call}; input embedding: {where}"]
-        if self.max_length == MAX_LENGTH and not 0 < getattr(self.tokenizer, "model_max_length", 0) <= MAX_LENGTH:
+        if (self.max_length == MAX_LENGTH and not 0 < getattr(self.tokenizer, "model_max_length", 0) <= MAX_LENGTH
+                and not 0 < (self.position_limit or 0) <= MAX_LENGTH):
             notes.append(f"texts cut to {MAX_LENGTH} tokens: neither the tokenizer nor the model sets a maximum length")
         return notes
 
@@ -127,13 +142,61 @@ class TextClassifier(nn.Module):
             ids[row, : len(encoded)] = torch.tensor(encoded)
         return ids
 
-    def decode(self, ids: Tensor) -> list[str]:
-        return [str(self.tokenizer.decode([int(t) for t in row if int(t) not in self.special_ids])) for row in ids]
+    def decode(self, ids: Tensor, texts: Sequence[str] | None = None) -> list[str]:
+        """The texts of token ids (N x L), one per row, that re-tokenise to the same positions.
+
+        With ``texts``, the originals the rows were edited from, each text is its original with
+        only the changed tokens' spans replaced (the tokenizer's offset mapping): every unchanged
+        word stays verbatim, an unknown word and the tail past the maximum length included.
+        Without them (or with a slow tokenizer, which has no offsets) the ids are spelled by the
+        tokenizer, an [UNK] as the unknown token itself, so that no position goes missing."""
+        if texts is None or not getattr(self.tokenizer, "is_fast", False):
+            return [self._spell(row) for row in ids]
+        return [self._rebuild(text, row) for text, row in zip(texts, ids)]
+
+    def _spell(self, row: Tensor) -> str:
+        kept = [int(t) for t in row if int(t) not in self.special_ids or int(t) == self.unk_id]
+        return str(self.tokenizer.decode(kept, clean_up_tokenization_spaces=False))
+
+    def _rebuild(self, text: str, row: Tensor) -> str:
+        encoded = self.tokenizer(text, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
+                                 return_attention_mask=False)
+        original, spans = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+        new = [int(t) for t in row]
+        if len(new) < len(original) or any(t != self.pad_id for t in new[len(original):]):
+            return self._spell(row)  # not an edit of this text's positions
+        pieces, cursor = [], 0
+        for position, (old, token) in enumerate(zip(original, new)):
+            if old == token:
+                continue
+            start, end = spans[position]
+            if start == end or start < cursor:  # a special position, or a span shared with an earlier token
+                return self._spell(row)
+            pieces += [text[cursor:start], self.surface(token)]
+            cursor = end
+        return "".join(pieces) + text[cursor:]
+
+    def surface(self, token: int) -> str:
+        """How ``token`` is written in a text: a continuation piece without its prefix (``##ing``
+        is ``ing``), a word without its word-start marker or the space it stands for."""
+        spelled = str(self.tokenizer.decode([token], clean_up_tokenization_spaces=False))
+        prefix = self.continuation_prefix
+        if prefix and bool(self.continues_word[token]) and spelled.startswith(prefix):
+            spelled = spelled[len(prefix):]
+        return spelled.strip()
 
     def editable(self, ids: Tensor) -> Tensor:
-        """Mask (N x L) of positions an attack may change: real tokens, not padding or [CLS]."""
-        special = torch.tensor(sorted(self.special_ids), device=ids.device)
+        """Mask (N x L) of positions an attack may change: real tokens, not padding or [CLS];
+        an [UNK] is a word of the text, so it may be replaced (no attack writes one)."""
+        special = torch.tensor(sorted(self.special_ids - {self.unk_id}), device=ids.device)
         return ~torch.isin(ids.long(), special)
+
+    def same_kind(self, ids: Tensor) -> Tensor:
+        """Mask (N x L x V) of the tokens that may replace each position's token: those of its kind
+        (word start or continuation, ``continues_word``), so that no substitution glues or splits
+        words. Special tokens and rows past the vocabulary are not excluded here (``special_ids``)."""
+        kinds = self.continues_word.to(ids.device)
+        return kinds[ids.long()].unsqueeze(-1) == kinds
 
     def classify(self, texts: Sequence[str]) -> Tensor:
         """fp32 logits of raw texts (the score-only view that black-box attacks use)."""
@@ -154,6 +217,90 @@ def _embedding_path(net: nn.Module) -> str | None:
     what = f"{len(found)} torch.nn.Embedding layers ({', '.join(found)})" if found else "no torch.nn.Embedding"
     raise RobustkitError(f"{type(net).__name__} has {what}; text attacks and defences need the embedding of the "
                          "token ids: define get_input_embeddings() returning that nn.Embedding")
+
+
+def _backend(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """A fast tokenizer's ``tokenizer.json`` as a dict ({} for a slow tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        return dict(json.loads(backend.to_str())) if backend is not None else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _unk_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The unknown-word token's id: the tokenizer's ``unk_token``, else the one its model names
+    (a ``tokenizers`` file loaded without ``unk_token=`` knows it only there)."""
+    if tokenizer.unk_token_id is not None:
+        return int(tokenizer.unk_token_id)
+    name = _backend(tokenizer).get("model", {}).get("unk_token")
+    found = tokenizer.convert_tokens_to_ids(name) if isinstance(name, str) else None
+    return int(found) if isinstance(found, int) else None
+
+
+def _continuation_prefix(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The prefix a word-continuing piece is spelled with (WordPiece's ``##``), if any."""
+    model = _backend(tokenizer).get("model", {})
+    prefix = model.get("continuing_subword_prefix")
+    if isinstance(prefix, str) and prefix:
+        return prefix
+    if hasattr(tokenizer, "wordpiece_tokenizer"):  # a slow BertTokenizer
+        return "##"
+    return None
+
+
+def _word_start_marker(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The marker of a word-start piece: byte-level BPE's ``Ġ`` (a space), SentencePiece's ``▁``."""
+    backend = _backend(tokenizer)
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "ByteLevel":
+                found.append("\u0120")
+            elif node.get("type") == "Metaspace":
+                found.append(str(node.get("replacement", "\u2581")))
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(backend.get("pre_tokenizer"))
+    if not backend and hasattr(tokenizer, "sp_model"):  # a slow SentencePiece tokenizer
+        found.append("\u2581")
+    return found[0] if found else None
+
+
+def _continues_word(tokenizer: PreTrainedTokenizerBase, size: int, special: frozenset[int],
+                    prefix: str | None) -> Tensor:
+    """(size,) bool: the token continues a word. WordPiece: spelled with the continuation prefix;
+    byte-level BPE and SentencePiece: spelled without the word-start marker (a text's first word
+    carries none in byte-level BPE: its pieces and continuations are one kind, as they are for
+    re-tokenising); a word-level vocabulary: none. Special and added tokens start words."""
+    flags = torch.zeros(size, dtype=torch.bool)
+    marker = None if prefix else _word_start_marker(tokenizer)
+    if prefix is None and marker is None:
+        return flags
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for token, index in tokenizer.get_vocab().items():
+        if 0 <= index < size and index not in special and index not in added:
+            flags[index] = token.startswith(prefix) if prefix else not token.startswith(str(marker))
+    return flags
+
+
+def _position_limit(net: nn.Module) -> int | None:
+    """The longest sequence the network's position embeddings take: ``max_position_embeddings``,
+    less the offset of RoBERTa-style models (their position ids start after the padding index,
+    at ``padding_idx + 1``: 512 tokens of RoBERTa's 514 positions)."""
+    positions = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    for module in net.modules():
+        layer = getattr(module, "position_embeddings", None)
+        if isinstance(layer, nn.Embedding) and layer.padding_idx is not None:
+            return max(1, positions - int(layer.padding_idx) - 1)
+    return positions
 
 
 def _takes_mask(net: nn.Module) -> bool:
@@ -207,6 +354,10 @@ def load_folder(ref: str, options: LoadOptions) -> LoadedModel:
     if config.get("auto_map") and not options.trust_code:
         raise RobustkitError(f"{ref} asks to run its own Python code (auto_map in config.json); pass --trust-code "
                              "if you trust it")
+    tokenizer_code = _tokenizer_auto_map(path, ref)
+    if tokenizer_code and not options.trust_code:
+        raise RobustkitError(f"{ref} asks to run its own Python code (auto_map in tokenizer_config.json); pass "
+                             "--trust-code if you trust it")
     if not is_text_folder(ref):
         raise RobustkitError(f"{ref} has no tokenizer files; save the tokenizer beside the model "
                              "(tokenizer.save_pretrained(folder))")
@@ -219,9 +370,24 @@ def load_folder(ref: str, options: LoadOptions) -> LoadedModel:
     except (OSError, ValueError, KeyError) as err:
         raise RobustkitError(f"{ref}: transformers cannot load it as a sequence classifier ({_reason(err)})") from None
     _check_padding(tokenizer, ref)
-    notes = ["ran the model's own code (--trust-code)"] if config.get("auto_map") else []
-    return LoadedModel(TextClassifier(net.eval(), tokenizer, hf_folder=True), str(path), FORMAT,
-                       file_sha256(weights), trusted_code=bool(config.get("auto_map")), notes=notes)
+    trusted = bool(config.get("auto_map")) or tokenizer_code
+    classifier = TextClassifier(net.eval(), tokenizer, hf_folder=True)
+    classifier.notes += ["ran the model's own code (--trust-code)"] if trusted else []
+    classifier.notes += classifier.describe()[1:]  # the maximum length's note, if any (the call is transformers')
+    return LoadedModel(classifier, str(path), FORMAT, file_sha256(weights), trusted_code=trusted,
+                       notes=classifier.notes)
+
+
+def _tokenizer_auto_map(path: Path, ref: str) -> bool:
+    """Whether the folder's tokenizer_config.json asks for the tokenizer's own code (``auto_map``)."""
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return False
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RobustkitError(f"{ref}/tokenizer_config.json is not valid JSON ({err})") from None
+    return isinstance(document, dict) and bool(document.get("auto_map"))
 
 
 def as_classifier(loaded: LoadedModel, ref: str) -> TextClassifier:
@@ -230,6 +396,7 @@ def as_classifier(loaded: LoadedModel, ref: str) -> TextClassifier:
     its weights file, and how it is called goes into the report's model notes."""
     model = loaded.model
     if isinstance(model, TextClassifier):
+        model.notes = loaded.notes  # one list: what encoding the data adds reaches the report's model notes
         return model
     if loaded.normalisation is not None:
         raise RobustkitError(f"{ref}: a mean/std normalisation (--mean/--std or the file's metadata) does not apply "
@@ -241,6 +408,7 @@ def as_classifier(loaded: LoadedModel, ref: str) -> TextClassifier:
     classifier = TextClassifier(model, load_tokenizer(weights.parent, ref)).eval()  # as load_model left the net
     loaded.model = classifier
     loaded.notes += classifier.describe()
+    classifier.notes = loaded.notes  # one list: what encoding the data adds reaches the report's model notes
     return classifier
 
 
@@ -277,11 +445,37 @@ def _reason(err: BaseException) -> str:
 
 def encode_data(model: TextClassifier, data: TextDataset) -> Dataset:
     """Both splits as token ids of one length (the longest text, at most the model's maximum),
-    in robustkit's ``Dataset``: what the training loop and the attacks take."""
+    in robustkit's ``Dataset``: what the training loop and the attacks take. The model is run on
+    a few of them first: one-line errors for a model that fails on them and for a label that is
+    no class of the model (naming its line); a note (and a warning) when texts were cut to the
+    model's maximum length."""
+    from robustkit.models.loading import check_model_output
+    from robustkit_text.data import check_label_range
+
     texts = data.texts + (data.train_texts or [])
     ids = model.encode(texts)
+    check_label_range(data, check_model_output(model, ids).num_classes)
+    note = truncation_note(model, texts, ids)
+    if note and note not in model.notes:
+        log.warning("%s", note)
+        model.notes.append(note)
     n = len(data.texts)
     train = data.train_texts is not None and data.train_labels is not None
     return Dataset(data.name, ids[:n], torch.tensor(data.labels), data.num_classes,
                    ids[n:] if train else None, torch.tensor(data.train_labels) if train else None,
                    source=data.source or data.name)
+
+
+def truncation_note(model: TextClassifier, texts: Sequence[str], ids: Tensor) -> str | None:
+    """The note that some ``texts`` (encoded as ``ids``) were longer than the model's maximum
+    length and were cut to it, whatever the kind of model; None when none was."""
+    full = ((ids != model.pad_id).sum(1) >= model.max_length).nonzero().squeeze(1).tolist()
+    if not full:
+        return None
+    lengths = model.tokenizer([texts[i] for i in full], truncation=False, verbose=False,
+                              return_attention_mask=False)["input_ids"]
+    cut = sum(len(row) > model.max_length for row in lengths)
+    if not cut:
+        return None
+    return (f"{cut} of {len(texts)} texts are longer than the model's maximum length and were cut to their first "
+            f"{model.max_length} tokens: the accuracies and attacks see only those")

@@ -10,6 +10,7 @@ the texts (``osa_distance``).
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 from robustkit.errors import OptionError, RobustkitError
+
+log = logging.getLogger(__name__)
 
 CHAR_OPS = ("swap", "delete", "insert", "substitute")
 DEFAULT_BUDGETS = (1, 2, 3)
@@ -96,12 +99,23 @@ def allowed_matrix(substitutions: dict[str, list[str]], vocab: dict[str, int], s
 
     allowed = torch.zeros(size, size, dtype=torch.bool)
     words = 0
+    missing: list[str] = []  # words of the list that are no single token, in the order met
     for word, replacements in substitutions.items():
         source = token(word)
         targets = [t for t in map(token, replacements) if t is not None and t != source]
+        missing += [w for w in (word, *replacements) if token(w) is None]
         if source is not None and targets:
             allowed[source, targets] = True
             words += 1
+    entries = len(substitutions)
+    example = (f"e.g. {missing[0]!r} is not in the vocabulary" if missing
+               else "each maps only onto itself" if entries else "the list is empty")
+    if not words:
+        raise OptionError(f"-o substitutions: none of the list's {entries} words is usable ({example}); a word and "
+                          "its replacements must each be a single token of the model's vocabulary")
+    if words < entries / 2:
+        log.warning("-o substitutions: only %d of the list's %d words are usable (%s); the others are not "
+                    "attacked", words, entries, example)
     return allowed, words
 
 

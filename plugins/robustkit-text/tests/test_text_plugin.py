@@ -170,9 +170,13 @@ def test_audit_command_on_text(trained_model: Path, data_folder: Path, tmp_path:
     worst = [row["robust_accuracy"] for row in report["worst_case"]]
     assert worst[0] >= worst[1] and worst[0] < report["clean_accuracy"]
     assert all(row["ci95"][0] <= row["robust_accuracy"] <= row["ci95"][1] for row in report["worst_case"])
-    assert {row["attack"] for row in report["results"]} == {"text:hotflip", "text:charbug"}
+    assert {row["attack"] for row in report["results"]} == {"text:hotflip", "text:charbug", "text:swap"}
     statuses = {c["name"]: c["status"] for c in report["checks"]}
-    assert statuses["valid examples"] == "pass" and statuses["black-box <= white-box"] == "pass"
+    assert statuses["valid examples"] == "pass"
+    # no search beats the worst case; a warning may say that HotFlip alone misses what text:swap finds
+    bound = next(c for c in report["checks"] if c["name"] == "black-box <= white-box")
+    assert bound["status"] == "pass" or (bound["status"] == "warn" and "overstated on" not in bound["detail"]
+                                         and "worst case includes text:swap and stands" in bound["detail"]), bound
     assert statuses["monotone in k"] in ("pass", "untested") and statuses["deterministic"] == "pass"
     titles = [s["title"] for s in report["sections"]]
     assert titles[0] == "Text threat model" and "Embedding-space PGD (training-time diagnostic)" in titles
