@@ -68,10 +68,11 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
 def flips_allowed(model: TextClassifier, current: Tensor, originals: Tensor, usable: Tensor,
                   allowed: Tensor | None) -> Tensor:
     """(rows x L x V) mask of the single substitutions each text of ``current`` may take: a usable
-    position (``usable``, rows x L) to a non-special token other than the one there, and, with a
+    position (``usable``, rows x L) to a non-special token other than the one there, of the
+    original token's kind (a word start for a word start, a ``##piece`` for a piece: else the
+    substitution glues or splits words, and the text has more edits than counted), and, with a
     substitution list (``allowed``, V x V), one the original token (``originals``) may become."""
-    vocab = model.embedding.weight.shape[0]
-    mask = usable.unsqueeze(-1).repeat(1, 1, vocab)
+    mask = usable.unsqueeze(-1) & model.same_kind(originals)
     mask[..., sorted(model.special_ids)] = False
     mask.scatter_(2, current.unsqueeze(-1), False)  # the token it already is
     if allowed is not None:
@@ -414,7 +415,9 @@ class RandomSubstitution(Configurable):
                     chosen = positions[torch.randperm(len(positions), generator=generator)[:k]]
                     for p in chosen.tolist():
                         choices = words if self.allowed is None else self.allowed[int(ids[row, p])].nonzero()[:, 0]
-                        draw[p] = choices[torch.randint(len(choices), (1,), generator=generator)]
+                        choices = choices[model.continues_word[choices] == model.continues_word[ids[row, p]]]
+                        if len(choices):  # none of the token's kind (word start or piece): left as it is
+                            draw[p] = choices[torch.randint(len(choices), (1,), generator=generator)]
                 logits = predict_logits(model, draws)
                 queries += len(draws)
                 wrong = (logits.argmax(1) != y[row]).nonzero()

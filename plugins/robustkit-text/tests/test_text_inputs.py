@@ -135,6 +135,27 @@ def test_substitutions_can_keep_the_word_piece_kind() -> None:
     assert model.surface(vocab["##ing"]) == "ing"
 
 
+def test_the_attacks_substitute_only_tokens_of_the_same_kind() -> None:
+    """A word start never becomes a ##piece nor the reverse (that would glue or split words and
+    count as one edit): in the attacks' substitution mask and in the random baseline."""
+    from robustkit_text.attacks import RandomSubstitution, flips_allowed
+
+    model = word_piece_classifier()
+    vocab = model.tokenizer.get_vocab()
+    ids = model.encode(["the dog walking"] * 4)  # [CLS] the dog walk ##ing [SEP]
+    mask = flips_allowed(model, ids, ids, model.editable(ids), None)
+    assert bool(mask[0, 4, vocab["##ed"]]) and not bool(mask[0, 4, vocab["talk"]])
+    assert bool(mask[0, 3, vocab["talk"]]) and not bool(mask[0, 3, vocab["##s"]])
+    kinds = model.continues_word
+    for seed in range(5):
+        attack = RandomSubstitution(tries=16, seed=seed)
+        result = attack.run(model, ids, torch.tensor([5, 5, 5, 5]), torch.full((4,), 2))  # no class 5: all break
+        for text in result.adversarial:
+            assert text is not None
+            edited = model.encode([text])[0]
+            assert bool((kinds[edited[: ids.shape[1]]] == kinds[ids[0]]).all()), text
+
+
 # --- B: substitution lists ------------------------------------------------------------------------
 
 
