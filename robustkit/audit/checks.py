@@ -454,10 +454,16 @@ def certificates_hold(model: Model, x: Tensor, y: Tensor, evaluation: Evaluation
     return Check(name, "fail", detail + ": a certificate is wrong for this model; rerun with --no-certify")
 
 
-def clean_subset(model: Model, x: Tensor, y: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Up to ``size`` clean-correct samples, chosen with a fixed seed."""
-    correct = (predict_logits(model, x).argmax(1).cpu() == y.cpu()).nonzero().squeeze(1)
+def subset_rows(clean_correct: Tensor, size: int, seed: int) -> Tensor:
+    """Indices (sorted) of up to ``size`` of the clean-correct samples, chosen with a fixed seed:
+    the subset the checks attack."""
+    correct = clean_correct.cpu().nonzero().squeeze(1)
     order = torch.randperm(len(correct), generator=torch.Generator().manual_seed(seed))[:size]
-    index = correct[order].sort().values
+    return correct[order].sort().values
+
+
+def clean_subset(model: Model, x: Tensor, y: Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Up to ``size`` clean-correct samples, chosen with a fixed seed (``subset_rows``)."""
+    index = subset_rows(predict_logits(model, x).argmax(1).cpu() == y.cpu(), size, seed)
     return x[index], y[index]
 

@@ -398,7 +398,8 @@ def run_checks(config: AuditConfig, model: Any, data: Dataset, evaluation: Evalu
                output_check: Any, worst: list[dict[str, Any]], num_classes: int,
                reload: Callable[[], Any] | None = None) -> list[checks.Check]:
     """The sanity checks; ``reload`` loads the model afresh (None: it holds no state, an ONNX graph)."""
-    x_sub, y_sub = checks.clean_subset(model, data.x, data.y, config.check_samples, config.seed)
+    rows = checks.subset_rows(evaluation.clean_correct, config.check_samples, config.seed)  # no second clean pass
+    x_sub, y_sub = data.x[rows], data.y[rows]
     ran = checks.attacks_that_ran(suite, evaluation)  # a failed attack would fail again in a check
     eps = sorted(evaluation.eps)
     # Checks that compare attacks run where samples break: at an eps where nothing breaks

@@ -241,14 +241,12 @@ def _logits(model: TextClassifier, ids: Tensor, batch_size: int = 512) -> Tensor
     real = ids != model.pad_id
     extent = torch.where(real.any(1), ids.shape[1] - real.flip(1).long().argmax(1), 1)
     order = extent.argsort()
-    out = torch.empty(len(ids), 0)
-    parts = []
-    for start in range(0, len(ids), batch_size):
-        rows = order[start : start + batch_size]
-        parts.append(predict_logits(model, ids[rows, : int(extent[rows].max())], batch_size))
-    if parts:
-        out = torch.empty(len(ids), parts[0].shape[1], device=parts[0].device)
-        out[order] = torch.cat(parts)
+    parts = [predict_logits(model, ids[rows, : int(extent[rows].max())], batch_size)
+             for rows in order.split(batch_size)]
+    if not parts:
+        return torch.empty(0, 0)
+    out = torch.empty(len(ids), parts[0].shape[1], device=parts[0].device)
+    out[order] = torch.cat(parts)
     return out
 
 

@@ -238,9 +238,7 @@ def _validated(name: str, model: TextClassifier, ids: Tensor, texts: Sequence[st
 def _checks(config: AuditConfig, model: TextClassifier, ids: Tensor, y: Tensor, evaluation: Evaluation,
             budgets: tuple[int, ...], attacks: dict[str, Any], allowed: Tensor | None,
             output_check: Any) -> list[checks.Check]:
-    correct = evaluation.clean_correct.nonzero().squeeze(1)  # the samples checks.clean_subset picks
-    order = torch.randperm(len(correct), generator=torch.Generator().manual_seed(config.seed))[: config.check_samples]
-    rows = correct[order].sort().values
+    rows = checks.subset_rows(evaluation.clean_correct, config.check_samples, config.seed)
     x_sub, y_sub = ids[rows], y[rows]
     worst = [row.to_json_dict() for row in worst_case_rows("edits", evaluation)]
     found = [checks.determinism(model, ids), checks.outputs(output_check), _gradients(model, x_sub, y_sub),
